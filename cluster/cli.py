@@ -1,0 +1,154 @@
+"""``radixserve`` command line: generate | chat | serve | bench.
+
+Engine flags are the keyword arguments of ``engine.llm.engine_config`` with
+dashes, so the CLI and ``LLM(...)`` always agree. Heavy imports (ray, the
+engine) happen inside the subcommands to keep ``--help`` fast.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from typing import Any
+
+# Flags that are not engine_config kwargs: handled by the subcommands themselves.
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                   "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "n",
+                   "ignore_eos", "logprobs")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per engine_config keyword, typed from its default."""
+    from engine.llm import engine_config
+    sig = inspect.signature(engine_config)
+    p.add_argument("--model", default="tiny-llama",
+                   help="embedded model name (tiny-llama, small-llama) or a Hugging Face directory")
+    for name, param in sig.parameters.items():
+        if name == "model":
+            continue
+        default = param.default
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=f"default {default}")
+        elif default is None:
+            kind = float if "gib" in name or "space" in name else (str if name in ("cache_dir",) else int)
+            p.add_argument(flag, type=kind, default=None, help="default: automatic")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"default {default}")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.llm import engine_config
+    names = [n for n in inspect.signature(engine_config).parameters if n != "model"]
+    return {n: getattr(args, n) for n in names}
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", dest="sampling_seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace):
+    from engine.sampling import SamplingParams
+    return SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        seed=args.sampling_seed, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        stop=args.stop, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        outs = llm.generate(prompts, sampling_params(args), use_tqdm=len(prompts) > 1)
+    for out in outs:
+        for comp in out.outputs:
+            if args.json:
+                print(json.dumps({"prompt": out.prompt, "text": comp.text, "token_ids": comp.token_ids,
+                                  "finish_reason": comp.finish_reason,
+                                  "num_cached_tokens": out.num_cached_tokens,
+                                  "ttft_s": out.metrics.ttft, "e2e_s": out.metrics.e2e}))
+            else:
+                print(f"{out.prompt!r} -> {comp.text!r}  [{comp.finish_reason}, "
+                      f"{len(comp.token_ids)} tokens, ttft {out.metrics.ttft:.3f}s]")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        params = sampling_params(args)
+        print("radixserve chat: type a message, '/reset' to clear history, '/exit' or EOF to quit.",
+              file=sys.stderr)
+        for line in sys.stdin:
+            text = line.strip()
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            if not text:
+                continue
+            history.append({"role": "user", "content": text})
+            out = llm.chat(history, params)[0]
+            reply = out.outputs[0].text
+            history.append({"role": "assistant", "content": reply})
+            print(f"assistant: {reply}")
+            print(f"  [prompt {len(out.prompt_token_ids)} tokens, cached {out.num_cached_tokens}, "
+                  f"ttft {out.metrics.ttft:.3f}s]", file=sys.stderr)
+            sys.stdout.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radixserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate completions offline")
+    g.add_argument("prompt", nargs="*", help="prompt text (several allowed; default: one per stdin line)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per output")
+    add_engine_flags(g)
+    add_sampling_flags(g)
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat that keeps history")
+    c.add_argument("--system", default=None, help="system prompt")
+    add_engine_flags(c)
+    add_sampling_flags(c)
+    c.set_defaults(fn=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as exc:
+        print(f"radixserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""AsyncLLMEngine: the engine stepping in a background thread, requests as async iterators.
+
+The model runs in its own thread (torch releases the GIL in its kernels), so
+an asyncio server stays responsive while a step computes. Requests and aborts
+reach the engine thread through an inbox; outputs come back to each request's
+asyncio queue with ``call_soon_threadsafe``.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.llm import engine_config
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; requests cannot be served until restart."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | None
+    params: SamplingParams
+    prompt_token_ids: list[int] | None
+    namespace: tuple[str, ...]
+    sink: Callable[[RequestOutput | BaseException], None]
+    accepted: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the engine thread (aborts, snapshots, resets)."""
+
+    fn: Callable[[LLMEngine], Any]
+    done: Future = field(default_factory=Future)
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._ids = itertools.count()
+        self._stop = False
+        self._dead: BaseException | None = None
+        self._last_step_end = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="radixserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_kwargs(cls, model: str = "tiny-llama", **kwargs: Any) -> AsyncLLMEngine:
+        return cls(engine_config(model, **kwargs))
+
+    # -- public API ---------------------------------------------------------------
+
+    async def generate(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                       namespace: Sequence[str] = ()) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative RequestOutputs until the request finishes.
+
+        Raises ValueError before the first output for an invalid request.
+        Closing the iterator early (a client disconnect) aborts the request
+        and frees its blocks.
+        """
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = request_id or f"req-{next(self._ids)}"
+        add = _Add(rid, prompt, sampling_params or SamplingParams(),
+                   list(prompt_token_ids) if prompt_token_ids is not None else None,
+                   tuple(namespace), lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        self._post(add)
+        await asyncio.wrap_future(add.accepted)  # raises the engine's ValueError, if any
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._post(_Call(lambda e: self._abort_now(e, rid)))
+
+    async def abort(self, request_id: str) -> None:
+        await self.call(lambda e: self._abort_now(e, request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) between two steps, on the engine thread."""
+        self._check_alive()
+        c = _Call(fn)
+        self._post(c)
+        return await asyncio.wrap_future(c.done)
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread.is_alive() and self.engine.executor.is_healthy()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._sinks)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # -- engine thread -------------------------------------------------------------
+
+    def _post(self, item: _Add | _Call) -> None:
+        self._inbox.put(item)
+        self._wake.set()
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead}")
+
+    def _abort_now(self, engine: LLMEngine, request_id: str) -> None:
+        sink = self._sinks.pop(request_id, None)
+        out = engine.abort_request(request_id)
+        if sink is not None and out is not None:
+            sink(out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add):
+                try:
+                    self.engine.add_request(item.request_id, item.prompt, item.params,
+                                            item.prompt_token_ids, item.namespace)
+                except Exception as exc:
+                    item.accepted.set_exception(exc)
+                    continue
+                self._sinks[item.request_id] = item.sink
+                item.accepted.set_result(None)
+            else:
+                try:
+                    item.done.set_result(item.fn(self.engine))
+                except Exception as exc:
+                    item.done.set_exception(exc)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    sink = self._sinks.get(out.request_id)
+                    if sink is not None:
+                        if out.finished:
+                            del self._sinks[out.request_id]
+                        sink(out)
+                self._last_step_end = time.monotonic()
+        except BaseException as exc:  # never leave requests waiting on a dead thread
+            log.exception("engine loop died")
+            self._dead = exc
+            err = EngineDeadError(f"the engine stopped: {exc}")
+            for sink in self._sinks.values():
+                sink(err)
+            self._sinks.clear()

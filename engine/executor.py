@@ -1,0 +1,35 @@
+"""How the engine reaches its workers. TP=1 runs the worker in-process."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from engine.scheduler_output import SchedulerOutput, StepResult
+from engine.worker import Worker, WorkerSpec
+
+
+class Executor(ABC):
+    num_blocks: int
+
+    @abstractmethod
+    def execute(self, so: SchedulerOutput) -> StepResult: ...
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+    def is_healthy(self) -> bool:
+        return True
+
+
+class UniprocExecutor(Executor):
+    """A single rank living in the engine's own process: no queue, no copies."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.worker = Worker(spec)
+        self.num_blocks = self.worker.num_blocks_fitting()
+        self.worker.init_cache(self.num_blocks)
+
+    def execute(self, so: SchedulerOutput) -> StepResult:
+        return self.worker.execute(so)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

@@ -1,0 +1,146 @@
+"""Offline API in the shape users know from vLLM: ``LLM(...).generate(...)``."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+def engine_config(model: str = "tiny-llama", *, tensor_parallel_size: int = 1,
+                  enable_prefix_caching: bool = True, swap_space: float = 0.0, block_size: int = 16,
+                  max_num_seqs: int = 32, max_model_len: int | None = None,
+                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
+                  gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
+                  kv_cache_gib: float | None = None, num_cpu_blocks: int | None = None,
+                  preemption_mode: str = "auto", dtype: str = "auto", device: str = "auto",
+                  seed: int = 0, attention_backend: str = "auto", cache_dir: str | None = None,
+                  engine_worker_queue_port: int = 8002, cache_queue_port: int = 8003,
+                  host: str = "127.0.0.1", worker_timeout_s: float = 60.0) -> EngineConfig:
+    """Flat keyword arguments (the CLI flags and LLM(...) kwargs) -> EngineConfig."""
+    return EngineConfig(
+        model=ModelConfig(model, dtype, max_model_len, seed, cache_dir),
+        cache=CacheConfig(block_size, enable_prefix_caching, num_gpu_blocks, gpu_memory_utilization,
+                          kv_cache_gib, swap_space, num_cpu_blocks),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
+                                  preemption_mode),
+        parallel=ParallelConfig(tensor_parallel_size, engine_worker_queue_port, cache_queue_port,
+                                host, worker_timeout_s),
+        device=device, attention_backend=attention_backend)
+
+
+class LLM:
+    """Batch generation with continuous batching and the radix prefix cache.
+
+    >>> llm = LLM(model="tiny-llama")
+    >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(self, model: str = "tiny-llama", **kwargs: Any):
+        self.engine = LLMEngine(engine_config(model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 prompt_token_ids: Sequence[list[int]] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order.
+
+        A prompt is text, a list of token ids, or ``{"prompt_token_ids": [...]}``.
+        All prompts are validated before any is queued, so a bad one raises
+        ValueError and leaves the engine as it was.
+        """
+        items = self._normalise_prompts(prompts, prompt_token_ids)
+        params = self._normalise_params(sampling_params, len(items))
+        ids = [self._tokenize(p) for p in items]
+        for token_ids in ids:
+            self.engine.validate_prompt(token_ids)
+        texts = [p if isinstance(p, str) else p.get("prompt") if isinstance(p, dict) else None
+                 for p in items]
+        order = []
+        for text, token_ids, sp in zip(texts, ids, params):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, text, sp, prompt_token_ids=token_ids)
+            order.append(rid)
+        return self._run(order, use_tqdm)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a batch of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [{"prompt_token_ids": tok.encode_chat(c, add_generation_prompt),
+                    "prompt": tok.apply_chat_template(c, add_generation_prompt)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _normalise_prompts(self, prompts, prompt_token_ids) -> list[PromptType]:
+        if prompt_token_ids is not None:
+            return [{"prompt_token_ids": list(t)} for t in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("generate() needs prompts or prompt_token_ids")
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]  # a single prompt given as token ids
+        return list(prompts)
+
+    @staticmethod
+    def _normalise_params(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return list(params)
+
+    def _tokenize(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            return self.engine.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"])
+            return self.engine.tokenizer.encode(prompt["prompt"])
+        if isinstance(prompt, list):
+            return list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)
+        try:
+            while len(done) < len(order):
+                for out in self.engine.step():
+                    if out.finished and out.request_id not in done:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in order:  # leave no half-run request behind (e.g. on Ctrl-C)
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[rid] for rid in order]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,172 @@
+"""The synchronous engine: requests in, one scheduler step at a time, outputs out."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+from engine.cache.hashing import root_hash
+from engine.cache.kv_manager import KVCacheManager
+from engine.config import EngineConfig
+from engine.executor import Executor, UniprocExecutor
+from engine.metrics import EngineMetrics
+from engine.model.default_models import resolve_model
+from engine.model.hf_config import load_arch_config
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.scheduler_output import StepResult
+from engine.sequence import Request, Sequence
+from engine.tokenizer import Tokenizer
+from engine.worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model(config.model.model, config.model.cache_dir)
+        self.arch = load_arch_config(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir, extra_eos_token_ids=list(self.arch.eos_token_ids))
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.block_size = config.cache.block_size
+        self.max_model_len = self._max_model_len()
+        self.metrics = EngineMetrics()
+        self.executor = self._make_executor()
+        # A lone sequence must always fit the pool, or preemption could loop forever.
+        self.max_model_len = min(self.max_model_len, self.executor.num_blocks * self.block_size)
+        self.kv = KVCacheManager(self.executor.num_blocks, self.block_size,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.metrics)
+        self._seq_ids = itertools.count()
+        self._last_stats = (0, 0, 0)
+
+    # -- setup -----------------------------------------------------------------
+
+    def _max_model_len(self) -> int:
+        limit = self.arch.max_position_embeddings
+        if self.arch.sliding_window:
+            limit = min(limit, self.arch.sliding_window)  # no sliding-window attention: stay inside it
+        wanted = self.config.model.max_model_len
+        if wanted is not None and wanted > limit:
+            raise ValueError(f"max_model_len = {wanted} exceeds the model's limit of {limit} tokens "
+                             f"(max_position_embeddings / sliding_window in config.json)")
+        length = wanted or limit
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < length:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens "
+                             f"({sched.max_num_batched_tokens}) must be >= max_model_len ({length})")
+        return length
+
+    def _worker_spec(self, rank: int = 0, dist_init_method: str | None = None) -> WorkerSpec:
+        return WorkerSpec(self.config, str(self.model_dir), rank, self.max_model_len,
+                          tuple(sorted(self.eos_token_ids)), dist_init_method)
+
+    def _make_executor(self) -> Executor:
+        if self.config.parallel.tensor_parallel_size == 1:
+            return UniprocExecutor(self._worker_spec())
+        from engine.multiproc import MultiprocExecutor
+        return MultiprocExecutor(self.config, self._worker_spec)
+
+    # -- requests ----------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | None = None,
+                    params: SamplingParams | None = None, prompt_token_ids: Seq[int] | None = None,
+                    namespace: Seq[str] = (), arrival_time: float | None = None) -> Request:
+        """Validate and queue a request; raises ValueError with a clear message."""
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("a request needs a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt_token_ids]
+        self.validate_prompt(ids)
+        request = Request(request_id, prompt, ids, params, tuple(namespace),
+                          arrival_time if arrival_time is not None else time.monotonic())
+        self._make_seqs(request)
+        self.scheduler.add_request(request)
+        self.outputs.add_request(request)
+        return request
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                             f"it must be shorter to leave room for at least one output token")
+        vocab = self.arch.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def _make_seqs(self, request: Request) -> None:
+        root = root_hash(request.namespace)
+        head = Sequence(next(self._seq_ids), request, 0, list(request.prompt_token_ids),
+                        self.block_size, root)
+        request.seqs.append(head)
+        for i in range(1, request.num_seqs):
+            request.seqs.append(Sequence(next(self._seq_ids), request, i, list(request.prompt_token_ids),
+                                         self.block_size, root, block_hashes=list(head.block_hashes),
+                                         parent=head))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort_request(request_id)
+        if request is None:
+            return None
+        self.metrics.inc("num_requests_aborted")
+        return self.outputs.finish_and_release(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.scheduler.requests) or self.scheduler.has_work()
+
+    # -- stepping ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        so = self.scheduler.schedule()
+        if so.is_empty and not so.finished_seq_ids:
+            return self.outputs.drain_finished()
+        try:
+            result = self.executor.execute(so)
+        except Exception as exc:  # a worker failure: fail the step's requests, keep serving
+            log.exception("engine step failed")
+            result = StepResult(so.step_id, error=f"{type(exc).__name__}: {exc}")
+        if result.error is not None:
+            return self._fail_step(so, result.error)
+        updated = self.scheduler.update(so, result)
+        outputs = self.outputs.process(updated, result.prompt_logprobs)
+        self._record_step(time.perf_counter() - start)
+        return outputs
+
+    def _fail_step(self, so, error: str) -> list[RequestOutput]:
+        failed = {self.scheduler.seqs[s.seq_id].request for s in so.seqs if s.seq_id in self.scheduler.seqs}
+        outs = []
+        for request in failed:
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish_seq(seq, "error")
+            self.metrics.inc("num_requests_failed")
+            outs.append(self.outputs.finish_and_release(request, error=error))
+        return outs
+
+    def _record_step(self, seconds: float) -> None:
+        m, st = self.metrics, self.scheduler.stats
+        m.observe("step_seconds", seconds)
+        queries, hits, preempt = st.prefix_queries_tokens, st.prefix_hits_tokens, st.num_preemptions
+        q0, h0, p0 = self._last_stats
+        m.inc("prefix_cache_queries_tokens", queries - q0)
+        m.inc("prefix_cache_hits_tokens", hits - h0)
+        m.inc("prefix_cache_gpu_hits_tokens", hits - h0)
+        m.inc("num_preemptions", preempt - p0)
+        self._last_stats = (queries, hits, preempt)
+        m.set("num_requests_running", len({s.request.request_id for s in self.scheduler.running}))
+        m.set("num_requests_waiting", len({s.request.request_id for s in self.scheduler.waiting}))
+        m.set("kv_cache_usage_perc", self.kv.usage)
+        m.set("num_cached_blocks", len(self.kv.tree))
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

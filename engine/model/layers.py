@@ -1,0 +1,185 @@
+"""Tensor-parallel building blocks of the decoder, and how checkpoints fill them.
+
+Each layer holds only its rank's shard. ``ShardTarget`` says where one
+checkpoint tensor goes: which rows of which (possibly fused) parameter, and
+along which checkpoint dimension it is split across ranks, so the loader reads
+just this rank's slice from safetensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.distributed import TPGroup
+
+
+@dataclass(eq=False)
+class ShardTarget:
+    param: torch.Tensor
+    full_shape: tuple[int, ...]  # shape the checkpoint tensor must have
+    split_dim: int | None        # checkpoint dim split across ranks; None = replicated
+    offset: int = 0              # first row of ``param`` this tensor fills (fused params)
+    padded_part: int | None = None  # rows per rank when the split dim is padded (vocab)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in fp32 then back, exactly as transformers' LlamaRMSNorm.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across ranks; ``out_sizes`` fuses
+    several checkpoint matrices (q/k/v, gate/up) into one matmul."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device, what: str):
+        super().__init__()
+        self.tp = tp
+        self.out_sizes = out_sizes
+        self.local_sizes = [tp.shard(n, f"{what} output size") for n in out_sizes]
+        self.in_features = in_features
+        rows = sum(self.local_sizes)
+        self.weight = nn.Parameter(torch.empty(rows, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(rows, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def targets(self, part: int) -> dict[str, ShardTarget]:
+        offset = sum(self.local_sizes[:part])
+        t = {"weight": ShardTarget(self.weight, (self.out_sizes[part], self.in_features), 0, offset)}
+        if self.bias is not None:
+            t["bias"] = ShardTarget(self.bias, (self.out_sizes[part],), 0, offset)
+        return t
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split; partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device, what: str):
+        super().__init__()
+        self.tp = tp
+        self.in_features, self.out_features = in_features, out_features
+        local_in = tp.shard(in_features, f"{what} input size")
+        self.weight = nn.Parameter(torch.empty(out_features, local_in, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias  # bias once, after the sum
+
+    def targets(self) -> dict[str, ShardTarget]:
+        t = {"weight": ShardTarget(self.weight, (self.out_features, self.in_features), 1)}
+        if self.bias is not None:
+            t["bias"] = ShardTarget(self.bias, (self.out_features,), None)
+        return t
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary range; the vocab is padded to a
+    multiple of the TP size and the padding rows stay zero."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.dim = dim
+        self.part = math.ceil(vocab_size / tp.size)
+        self.start = tp.rank * self.part
+        self.weight = nn.Parameter(torch.zeros(self.part, dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.part)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+    def targets(self) -> dict[str, ShardTarget]:
+        return {"weight": ShardTarget(self.weight, (self.vocab_size, self.dim), 0, padded_part=self.part)}
+
+
+class ParallelLMHead(nn.Module):
+    """Logits for this rank's vocab range, gathered to the full vocabulary."""
+
+    def __init__(self, embedding: VocabParallelEmbedding, tied: bool, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.tp = embedding.tp
+        self.vocab_size = embedding.vocab_size
+        self.dim = embedding.dim
+        self.part = embedding.part
+        if tied:
+            self.weight = embedding.weight
+        else:
+            self.weight = nn.Parameter(torch.zeros(self.part, self.dim, dtype=dtype, device=device), requires_grad=False)
+        self.tied = tied
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.weight)  # [rows, vocab_part]
+        return self.tp.all_gather_last_dim(logits)[..., :self.vocab_size]
+
+    def targets(self) -> dict[str, ShardTarget]:
+        return {"weight": ShardTarget(self.weight, (self.vocab_size, self.dim), 0, padded_part=self.part)}
+
+
+def _rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / float(scaling["factor"])
+    # llama3: long wavelengths divided by ``factor``, short kept, smooth in between.
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with a cos/sin table precomputed per position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        inv_freq = _rope_inv_freq(head_dim, theta, scaling)
+        pos = torch.arange(max_positions, dtype=torch.float)
+        freqs = pos[:, None] * inv_freq[None, :]           # [max_pos, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)            # [max_pos, head_dim]
+        self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1)
+        q = q * cos + self._rotate_half(q) * sin  # [num_tokens, num_heads, head_dim]
+        k = k * cos + self._rotate_half(k) * sin  # [num_tokens, num_kv_heads, head_dim]
+        return q, k

@@ -1,0 +1,238 @@
+"""One rank's model, KV pool and (on rank 0) sampler: executes a SchedulerOutput."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, select_backend
+from engine.config import EngineConfig
+from engine.distributed import TPGroup
+from engine.model.hf_config import ArchConfig
+from engine.model.loader import build_model
+from engine.sampling import Sampler, SamplingParams, SeqSamplingState
+from engine.scheduler_output import (PromptLogprobs, SampledToken, ScheduledSeq,
+                                     SchedulerOutput, StepResult)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_DEFAULT_KV_GIB = 2.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    # CPU runs fp32: bf16 matmul is ~300x slower than fp32 on the CPUs we target.
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor   # [num_tokens]
+    positions: torch.Tensor   # [num_tokens]
+    meta: AttentionMetadata
+    last_index: list[int]     # per scheduled seq (SchedulerOutput order): flat index of its last token
+    first_index: list[int]    # per scheduled seq: flat index of its first token
+
+
+def _block_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    table = np.zeros((len(rows), max(width, 1)), dtype=np.int32)  # padding never read
+    for i, r in enumerate(rows):
+        table[i, :len(r)] = r
+    return torch.from_numpy(table).to(device)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: Path, arch: ArchConfig, tp: TPGroup,
+                 device: torch.device, max_model_len: int, eos_token_ids: frozenset[int]):
+        self.config = config
+        self.arch = arch
+        self.tp = tp
+        self.device = device
+        self.dtype = resolve_dtype(config.model.dtype, device)
+        self.block_size = config.cache.block_size
+        self.max_model_len = max_model_len
+        self.model = build_model(arch, model_dir, tp, self.dtype, device, max_positions=max_model_len + 1)
+        self.backend = select_backend(config.attention_backend, device)
+        self.num_kv_heads = arch.num_kv_heads // tp.size
+        self.kv_cache: torch.Tensor | None = None
+        self.sampler = Sampler(eos_token_ids, seed=config.model.seed) if tp.rank == 0 else None
+        self.states: dict[int, SeqSamplingState] = {}
+
+    # -- KV pool -------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers, K and V, on this rank."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return (self.arch.num_layers * 2 * self.block_size * self.num_kv_heads
+                * self.arch.head_dim * elem)
+
+    def num_blocks_fitting(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks is not None:
+            return cache.num_gpu_blocks
+        if cache.kv_cache_gib is not None:
+            return int(cache.kv_cache_gib * 2**30) // self.block_bytes
+        if self.device.type != "cuda":
+            # Room for every sequence at full length, capped: a bigger pool only costs RAM.
+            cap = int(_CPU_DEFAULT_KV_GIB * 2**30) // self.block_bytes
+            want = self.config.scheduler.max_num_seqs * -(-self.max_model_len // self.block_size)
+            return max(1, min(cap, want))
+        return self._profile_cuda_blocks()
+
+    def _profile_cuda_blocks(self) -> int:
+        """Run the largest step without KV to measure activation memory, then
+        give the KV pool what ``gpu_memory_utilization`` leaves."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = self.config.scheduler.max_num_batched_tokens
+        self.allocate_kv_cache(1)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device) % max(1, self.model.layers[0].self_attn.rotary.cos.shape[0])
+        meta = self._meta_prefill_only(n)
+        hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
+        self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_cache = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.cache.gpu_memory_utilization - peak - others
+        blocks = int(budget) // self.block_bytes
+        if blocks < 1:
+            raise ValueError(f"no GPU memory left for the KV cache (weights + activations peak at "
+                             f"{peak / 2**30:.2f} GiB); raise gpu_memory_utilization or lower "
+                             f"max_num_batched_tokens")
+        return blocks
+
+    def _meta_prefill_only(self, n: int) -> AttentionMetadata:
+        dev = self.device
+        i32 = torch.int32
+        return AttentionMetadata(
+            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev),
+            num_decodes=0, decode_block_tables=torch.zeros(0, 1, dtype=i32, device=dev),
+            decode_seq_lens=torch.zeros(0, dtype=i32, device=dev), num_prefills=1,
+            prefill_block_tables=torch.zeros(1, 1, dtype=i32, device=dev),
+            prefill_query_start_loc=torch.tensor([0, n], dtype=i32, device=dev),
+            prefill_seq_lens=torch.tensor([n], dtype=i32, device=dev))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (self.arch.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.arch.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- one step --------------------------------------------------------------
+
+    def _prepare(self, so: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        order = sorted(range(len(so.seqs)), key=lambda i: len(so.seqs[i].token_ids) != 1)
+        ids, pos, slots = [], [], []
+        first_index, last_index = [0] * len(so.seqs), [0] * len(so.seqs)
+        decode_rows, decode_lens, prefill_rows, prefill_lens, qsl = [], [], [], [], [0]
+        offset = 0
+        for i in order:
+            s = so.seqs[i]
+            n = len(s.token_ids)
+            p = np.arange(s.start_pos, s.start_pos + n, dtype=np.int64)
+            blocks = np.asarray(s.block_ids, dtype=np.int64)
+            ids.append(np.asarray(s.token_ids, dtype=np.int64))
+            pos.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            first_index[i], last_index[i] = offset, offset + n - 1
+            offset += n
+            if n == 1:
+                decode_rows.append(s.block_ids)
+                decode_lens.append(s.start_pos + 1)
+            else:
+                prefill_rows.append(s.block_ids)
+                prefill_lens.append(s.start_pos + n)
+                qsl.append(qsl[-1] + n)
+        dev = self.device
+        i32 = torch.int32
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            num_decodes=len(decode_rows),
+            decode_block_tables=_block_table(decode_rows, dev),
+            decode_seq_lens=torch.tensor(decode_lens, dtype=i32, device=dev),
+            num_prefills=len(prefill_rows),
+            prefill_block_tables=_block_table(prefill_rows, dev),
+            prefill_query_start_loc=torch.tensor(qsl, dtype=i32, device=dev),
+            prefill_seq_lens=torch.tensor(prefill_lens, dtype=i32, device=dev))
+        return StepInputs(torch.from_numpy(np.concatenate(ids)).to(dev),
+                          torch.from_numpy(np.concatenate(pos)).to(dev), meta, last_index, first_index)
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for seq_id in so.finished_seq_ids:
+            self.states.pop(seq_id, None)
+        if self.sampler is None:
+            return
+        for ns in so.new_samplers:
+            state = SeqSamplingState.create(SamplingParams.from_wire(ns.params), ns.prompt_token_ids,
+                                            child_index=ns.child_index)
+            state.output_token_ids.extend(ns.output_token_ids)
+            self.states[ns.seq_id] = state
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> StepResult:
+        if so.block_copies:
+            src, dst = zip(*so.block_copies)
+            self.backend.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
+                                     torch.tensor(dst, device=self.device))
+        self._update_states(so)
+        result = StepResult(so.step_id)
+        if not so.seqs:
+            return result
+        inputs = self._prepare(so)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend)
+        if so.sample_rows:
+            sources = sorted({r.source for r in so.sample_rows})
+            row_of = {src: i for i, src in enumerate(sources)}
+            logits = self.model.compute_logits(hidden[[inputs.last_index[s] for s in sources]])
+            if self.sampler is not None:  # every rank joins the logits gather; rank 0 samples
+                result.sampled = self._sample(so, logits, row_of)
+        for i, s in enumerate(so.seqs):
+            if s.prompt_logprobs is not None:
+                plp = self._prompt_logprobs(s, hidden[inputs.first_index[i]:inputs.last_index[i] + 1])
+                if plp is not None:
+                    result.prompt_logprobs.append(plp)
+        return result
+
+    def _sample(self, so: SchedulerOutput, logits: torch.Tensor, row_of: dict[int, int]) -> list[SampledToken]:
+        rows = torch.tensor([row_of[r.source] for r in so.sample_rows], device=logits.device)
+        states = [self.states[r.seq_id] for r in so.sample_rows]
+        out = self.sampler(logits[rows], states)  # [num_sample_rows, vocab] in
+        sampled = []
+        for i, r in enumerate(so.sample_rows):
+            states[i].output_token_ids.append(out.token_ids[i])
+            sampled.append(SampledToken(r.seq_id, out.token_ids[i], out.logprobs[i], out.top_logprobs[i]))
+        return sampled
+
+    def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> PromptLogprobs | None:
+        # Position j predicts token j+1: targets are the chunk's own tokens
+        # shifted by one, plus the first token of the next chunk if any.
+        targets = s.token_ids[1:] + ([s.next_prompt_token] if s.next_prompt_token >= 0 else [])
+        if not targets:
+            return None
+        logits = self.model.compute_logits(hidden[:len(targets)])  # [len(targets), vocab]
+        if self.sampler is None:
+            return None
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tgt = torch.tensor(targets, device=logprobs.device)
+        token_lp = logprobs.gather(1, tgt[:, None]).squeeze(1).tolist()
+        top = None
+        if s.prompt_logprobs:
+            vals, idx = logprobs.topk(s.prompt_logprobs, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        return PromptLogprobs(s.seq_id, s.start_pos, token_lp, top)

@@ -1,0 +1,265 @@
+"""Continuous batching with chunked prefill, prefix-cache lookup and preemption.
+
+Every step spends a token budget: first on running sequences (a decode token
+each, or the next chunk of an unfinished prefill), oldest first, preempting
+the youngest running sequence when blocks run out; then on waiting sequences
+in arrival order (FCFS), each looked up in the prefix cache before its blocks
+are allocated. The output names token ids and block ids only.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.cache.kv_manager import KVCacheManager
+from engine.config import SchedulerConfig
+from engine.detokenizer import check_stop_token
+from engine.scheduler_output import (NewSampler, SampledToken, SampleRow, ScheduledSeq,
+                                     SchedulerOutput, StepResult)
+from engine.sequence import Request, Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prefix_queries_tokens: int = 0
+    prefix_hits_tokens: int = 0
+
+
+def _priority(seq: Sequence) -> tuple[float, int]:
+    return (seq.request.arrival_time, seq.seq_id)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 eos_token_ids: frozenset[int]):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by priority (arrival, seq id)
+        self.requests: dict[str, Request] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self.stats = SchedulerStats()
+        self._step_id = 0
+        self._has_sampler: set[int] = set()  # seq ids rank 0 holds sampling state for
+        self._finished_ids: list[int] = []
+        self._pending_copies: list[tuple[int, int]] = []
+
+    # -- requests ----------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.seqs[seq.seq_id] = seq
+        head, *children = request.seqs
+        head.status = SeqStatus.WAITING
+        for child in children:
+            child.status = SeqStatus.FORK_PENDING
+        self.waiting.append(head)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.finish_seq(seq, "abort")
+        return request
+
+    def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        if seq.seq_id in self._has_sampler:
+            self._has_sampler.discard(seq.seq_id)
+            self._finished_ids.append(seq.seq_id)
+        if seq.request.is_finished:
+            seq.request.finished_time = time.monotonic()
+
+    def pop_finished_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id)
+        for seq in request.seqs:
+            self.seqs.pop(seq.seq_id, None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._finished_ids or self._pending_copies)
+
+    # -- scheduling ----------------------------------------------------------
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the KV (cached blocks stay in the tree,
+        so the re-prefill usually hits them) and requeue at the front."""
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.stats.num_preemptions += 1
+
+    def _schedule_running(self, budget: int, out: list[tuple[Sequence, int]]) -> tuple[int, bool]:
+        preempted = False
+        for seq in list(self.running):
+            if seq.status != SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if budget == 0:
+                break
+            n = seq.num_uncomputed
+            if n > budget and not self.config.enable_chunked_prefill:
+                continue
+            n = min(n, budget)
+            while not self.kv.allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status == SeqStatus.RUNNING:
+                out.append((seq, n))
+                budget -= n
+        return budget, preempted
+
+    def _seats(self, seq: Sequence) -> int:
+        """Running slots a waiting sequence takes, counting n>1 children to fork."""
+        return 1 + sum(1 for c in seq.request.seqs
+                       if c.parent is seq and c.status == SeqStatus.FORK_PENDING)
+
+    def _schedule_waiting(self, budget: int, out: list[tuple[Sequence, int]]) -> int:
+        # Seats taken: running sequences plus the n>1 children they will fork into.
+        used = sum(self._seats(s) for s in self.running)
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            seats = self._seats(seq)
+            if used + seats > self.config.max_num_seqs:
+                break
+            wants_prompt_logprobs = (seq.request.params.prompt_logprobs is not None
+                                     and seq.request.prompt_logprobs is None)
+            hit = None if wants_prompt_logprobs else self.kv.lookup(seq)
+            hit_tokens = hit.num_tokens(self.kv.block_size) if hit else 0
+            n = seq.num_tokens - hit_tokens
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.kv.allocate(seq, n, hit):
+                break
+            self.waiting.popleft()
+            used += seats
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=_priority)
+            if seq.num_cached_tokens < 0:  # first admission: this is the request's prefix hit
+                seq.num_cached_tokens = hit_tokens
+                self.stats.prefix_queries_tokens += seq.num_tokens
+                self.stats.prefix_hits_tokens += hit_tokens
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = time.monotonic()
+            out.append((seq, n))
+            budget -= n
+        return budget
+
+    def schedule(self) -> SchedulerOutput:
+        self._step_id += 1
+        chosen: list[tuple[Sequence, int]] = []
+        budget, preempted = self._schedule_running(self.config.max_num_batched_tokens, chosen)
+        if not preempted:  # admitting while preempting would thrash the pool
+            self._schedule_waiting(budget, chosen)
+        out = SchedulerOutput(step_id=self._step_id, finished_seq_ids=self._finished_ids,
+                              block_copies=self._pending_copies)
+        self._finished_ids, self._pending_copies = [], []
+        for seq, n in chosen:
+            self._emit(seq, n, out)
+        return out
+
+    def _emit(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
+        start = seq.num_computed_tokens
+        want_plp = (seq.request.params.prompt_logprobs is not None and seq.index == 0
+                    and seq.request.prompt_logprobs is None and start < seq.prompt_len)
+        end = start + n
+        out.seqs.append(ScheduledSeq(
+            seq.seq_id, seq.token_ids[start:end], start, list(seq.block_ids),
+            seq.request.params.prompt_logprobs if want_plp else None,
+            seq.token_ids[end] if want_plp and end < seq.prompt_len else -1))
+        if end < seq.num_tokens:
+            return  # a prefill chunk that is not the last one: nothing to sample
+        source = len(out.seqs) - 1
+        samplers = [seq] + [c for c in seq.request.seqs if c.parent is seq and c.status == SeqStatus.FORK_PENDING]
+        for s in samplers:
+            out.sample_rows.append(SampleRow(s.seq_id, source))
+            if s.seq_id not in self._has_sampler:
+                self._has_sampler.add(s.seq_id)
+                out.new_samplers.append(NewSampler(
+                    s.seq_id, seq.request.params.to_wire(), seq.request.prompt_token_ids,
+                    s.output_token_ids, child_index=s.index))
+
+    # -- results -------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, result: StepResult) -> list[tuple[Sequence, SampledToken]]:
+        """Advance sequences by a finished step; returns those that got a token."""
+        for ss in out.seqs:
+            seq = self.seqs.get(ss.seq_id)
+            if seq is None or seq.status != SeqStatus.RUNNING:
+                continue
+            seq.num_computed_tokens = ss.start_pos + len(ss.token_ids)
+            self.kv.commit(seq)
+        updated = []
+        now = time.monotonic()
+        for st in result.sampled:
+            seq = self.seqs.get(st.seq_id)
+            if seq is None or seq.is_finished:
+                continue
+            if seq.status == SeqStatus.FORK_PENDING:
+                self._fork(seq)
+            seq.append_token(st.token_id)
+            seq.cumulative_logprob += st.logprob
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+            updated.append((seq, st))
+            self._check_token_stop(seq, st.token_id)
+        return updated
+
+    def _fork(self, child: Sequence) -> None:
+        parent = child.parent
+        try:
+            self._pending_copies.extend(self.kv.fork(parent, child))
+            child.status = SeqStatus.RUNNING
+            bisect.insort(self.running, child, key=_priority)
+        except RuntimeError:  # no block to copy into: re-prefill later (prefix hits make it cheap)
+            child.num_computed_tokens = 0
+            child.status = SeqStatus.WAITING
+            self.waiting.appendleft(child)
+        child.num_cached_tokens = parent.num_cached_tokens
+
+    def _check_token_stop(self, seq: Sequence, token_id: int) -> None:
+        reason = check_stop_token(token_id, seq.request.params, self.eos_token_ids,
+                                  seq.num_output_tokens)
+        if reason is not None:
+            stop_reason = token_id if reason == "stop" and token_id not in self.eos_token_ids else None
+            self.finish_seq(seq, reason, stop_reason)
+        elif seq.num_tokens >= self.max_model_len:
+            self.finish_seq(seq, "length")
+
+    def fail_all(self) -> list[Request]:
+        """Finish every request with an error (the workers died)."""
+        failed = list(self.requests.values())
+        for request in failed:
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.finish_seq(seq, "error")
+        return failed

@@ -1,0 +1,116 @@
+"""Tokenizer of a Hugging Face directory, without transformers.
+
+Reads ``tokenizer.json`` with the ``tokenizers`` library and the chat template
+and special tokens from ``tokenizer_config.json`` (rendered with jinja2 the way
+transformers does), so the engine never imports transformers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+
+
+def _token_content(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):  # AddedToken serialised as a dict
+        return value.get("content")
+    raise ValueError(f"unexpected special token entry {value!r}")
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class Tokenizer:
+    """Encode, decode and apply the chat template of one model directory."""
+
+    def __init__(self, path: str | Path, extra_eos_token_ids: list[int] | None = None):
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ValueError(f"{tok_file}: missing; a model directory needs tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(str(tok_file))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{tok_file}: cannot be parsed as a tokenizer ({exc})") from exc
+        cfg_file = path / "tokenizer_config.json"
+        cfg: dict[str, Any] = {}
+        if cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
+        self.chat_template: str | None = cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take "default"
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default")
+        self.bos_token = _token_content(cfg.get("bos_token"))
+        self.eos_token = _token_content(cfg.get("eos_token"))
+        self.add_bos_token = bool(cfg.get("add_bos_token", False))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        eos_ids = set(extra_eos_token_ids or [])
+        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
+            eos_ids.add(self._tok.token_to_id(self.eos_token))
+        self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
+        self.special_token_ids: frozenset[int] = frozenset(
+            tid for tid, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._template: jinja2.Template | None = None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return min(self.eos_token_ids) if self.eos_token_ids else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # tokenizer.json post-processors usually add BOS themselves; add it only
+        # when the config asks and the post-processor did not.
+        if (add_special_tokens and self.add_bos_token and self.bos_token_id is not None
+                and (not ids or ids[0] != self.bos_token_id)):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]] | list[ChatMessage],
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """Render messages to the prompt text (which already holds BOS if the template adds it)."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat_template in tokenizer_config.json; "
+                             "use a completion prompt instead")
+        if self._template is None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent,
+                                                                            ensure_ascii=False)
+            env.globals["raise_exception"] = _raise_exception
+            self._template = env.from_string(self.chat_template)
+        msgs = [m.__dict__ if isinstance(m, ChatMessage) else m for m in messages]
+        for m in msgs:
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"chat message needs 'role' and 'content', got keys {sorted(m)}")
+        return self._template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     **kwargs)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        # The template already wrote BOS, so the post-processor must not add another.
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)

@@ -1,0 +1,60 @@
+"""One tensor-parallel rank: joins the process group, owns a ModelRunner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.distributed import TPGroup
+from engine.model.hf_config import load_arch_config
+from engine.model_runner import ModelRunner, resolve_device
+from engine.scheduler_output import SchedulerOutput, StepResult
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to start; plain values so it can cross a process boundary."""
+
+    config: EngineConfig
+    model_dir: str
+    rank: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    dist_init_method: str | None = None  # tcp://127.0.0.1:port when tensor_parallel_size > 1
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        cfg = spec.config
+        tp_size = cfg.parallel.tensor_parallel_size
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and tp_size > 1:
+            device = torch.device("cuda", spec.rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        if tp_size > 1:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    init_method=spec.dist_init_method, rank=spec.rank,
+                                    world_size=tp_size,
+                                    timeout=timedelta(seconds=cfg.parallel.worker_timeout_s))
+        tp = TPGroup(spec.rank, tp_size)
+        arch = load_arch_config(spec.model_dir)
+        self.runner = ModelRunner(cfg, Path(spec.model_dir), arch, tp, device, spec.max_model_len,
+                                  frozenset(spec.eos_token_ids))
+
+    def num_blocks_fitting(self) -> int:
+        return self.runner.num_blocks_fitting()
+
+    def init_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, so: SchedulerOutput) -> StepResult:
+        return self.runner.execute(so)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
