@@ -58,7 +58,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", dest="sampling_seed", type=int, default=None)
+    p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
@@ -79,9 +79,10 @@ def sampling_params(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
+    params = sampling_params(args)  # validate before loading the model
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     with LLM(args.model, **engine_kwargs(args)) as llm:
-        outs = llm.generate(prompts, sampling_params(args), use_tqdm=len(prompts) > 1)
+        outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     for out in outs:
         for comp in out.outputs:
             if args.json:
@@ -100,8 +101,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
+    params = sampling_params(args)
     with LLM(args.model, **engine_kwargs(args)) as llm:
-        params = sampling_params(args)
         print("radixserve chat: type a message, '/reset' to clear history, '/exit' or EOF to quit.",
               file=sys.stderr)
         for line in sys.stdin:
