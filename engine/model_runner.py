@@ -180,7 +180,7 @@ class ModelRunner:
             return
         for ns in so.new_samplers:
             state = SeqSamplingState.create(SamplingParams.from_wire(ns.params), ns.prompt_token_ids,
-                                            child_index=ns.child_index)
+                                            child_index=ns.child_index, device=self.device)
             state.output_token_ids.extend(ns.output_token_ids)
             self.states[ns.seq_id] = state
 

@@ -66,7 +66,9 @@ class OutputProcessor:
         if seq.is_finished and seq.finish_reason == "stop":  # EOS or a stop token id
             detok.add_token(st.token_id, is_stop_token=True)
         elif seq.is_finished:
-            detok.add_token(st.token_id, is_last=True)
+            res = detok.add_token(st.token_id, is_last=True)
+            if res.stop_str is not None:  # the last allowed token also completed a stop string
+                seq.finish_reason, seq.stop_reason = "stop", res.stop_str
         else:
             res = detok.add_token(st.token_id)
             if res.stop_str is not None:
