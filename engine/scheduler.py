@@ -142,9 +142,19 @@ class Scheduler:
         return 1 + sum(1 for c in seq.request.seqs
                        if c.parent is seq and c.status == SeqStatus.FORK_PENDING)
 
+    def _inflight_hashes(self) -> set[int]:
+        """Block hashes that running prefills are computing but have not committed yet."""
+        inflight = set()
+        for seq in self.running:
+            if seq.num_uncomputed > 1:
+                inflight.update(seq.block_hashes[seq.num_computed_tokens // self.kv.block_size:])
+        return inflight
+
     def _schedule_waiting(self, budget: int, out: list[tuple[Sequence, int]]) -> int:
         # Seats taken: running sequences plus the n>1 children they will fork into.
         used = sum(self._seats(s) for s in self.running)
+        inflight = self._inflight_hashes() if self.kv.enable_prefix_caching else set()
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             seats = self._seats(seq)
@@ -153,7 +163,14 @@ class Scheduler:
             wants_prompt_logprobs = (seq.request.params.prompt_logprobs is not None
                                      and seq.request.prompt_logprobs is None)
             hit = None if wants_prompt_logprobs else self.kv.lookup(seq)
-            hit_tokens = hit.num_tokens(self.kv.block_size) if hit else 0
+            hit_blocks = len(hit.block_ids) if hit else 0
+            if (hit is not None and hit_blocks < len(seq.block_hashes)
+                    and seq.block_hashes[hit_blocks] in inflight and len(deferred) < self.config.max_num_seqs):
+                # Its next block is being computed by another prefill right now:
+                # wait a step and hit it, instead of computing the same prefix twice.
+                deferred.append(self.waiting.popleft())
+                continue
+            hit_tokens = hit_blocks * self.kv.block_size
             n = seq.num_tokens - hit_tokens
             if n > budget and not self.config.enable_chunked_prefill:
                 break
@@ -164,6 +181,8 @@ class Scheduler:
             used += seats
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=_priority)
+            if self.kv.enable_prefix_caching:
+                inflight.update(seq.block_hashes[hit_blocks:])
             if seq.num_cached_tokens < 0:  # first admission: this is the request's prefix hit
                 seq.num_cached_tokens = hit_tokens
                 self.stats.prefix_queries_tokens += seq.num_tokens
@@ -172,6 +191,7 @@ class Scheduler:
                 seq.request.first_scheduled_time = time.monotonic()
             out.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return budget
 
     def schedule(self) -> SchedulerOutput:

@@ -84,9 +84,10 @@ def _decode_chunk_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if min(seq_lens) < max_len:
         valid = torch.arange(max_len, device=q.device) < torch.tensor(seq_lens, device=q.device)[:, None]  # [n, T]
         # Zero the padding too: stale cache memory may hold NaN/inf, and a masked-out
-        # score times a NaN value is still NaN.
-        k = k.masked_fill(~valid[:, :, None, None], 0)
-        v = v.masked_fill(~valid[:, :, None, None], 0)
+        # score times a NaN value is still NaN. In place on the fresh gather, and only
+        # the padded rows: a full masked_fill copy costs as much as the attention.
+        k[~valid] = 0
+        v[~valid] = 0
         mask = valid[:, None, None, :]  # [n, 1, 1, T]
     k = k.transpose(1, 2).float()  # [n, Hkv, T, D]; softmax and all math in fp32
     v = v.transpose(1, 2).float()  # [n, Hkv, T, D]
@@ -120,9 +121,14 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     blocks_used = (seq_lens.to(block_ids.device, torch.int64)[:, None] + block_size - 1) // block_size
     block_ids = block_ids.masked_fill(torch.arange(num_blocks, device=block_ids.device) >= blocks_used, 0)
     bytes_per_token = k_cache.shape[2] * k_cache.shape[3] * 4  # one fp32 K row
-    for start, end in _sequence_chunks(lens, bytes_per_token):
-        out[start:end] = _decode_chunk_ref(q[start:end], k_cache, v_cache, block_ids[start:end], lens[start:end],
-                                           scale)
+    # Chunk sequences in length order so each padded gather wastes little.
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    sorted_lens = [lens[i] for i in order]
+    idx = torch.tensor(order, device=q.device)
+    q_sorted, ids_sorted = q.index_select(0, idx), block_ids.index_select(0, idx.to(block_ids.device))
+    for start, end in _sequence_chunks(sorted_lens, bytes_per_token):
+        out[idx[start:end]] = _decode_chunk_ref(q_sorted[start:end], k_cache, v_cache, ids_sorted[start:end],
+                                                sorted_lens[start:end], scale).to(out.dtype)
     return out
 
 

@@ -194,3 +194,19 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+
+
+def test_same_prefix_in_one_batch_is_computed_once():
+    sched = make_scheduler(budget=64)
+    rng = random.Random(5)
+    shared = list(range(5, 25))  # 5 full blocks
+    a = make_request(shared + [40, 41], SamplingParams(max_tokens=2, ignore_eos=True))
+    b = make_request(shared + [50, 51], SamplingParams(max_tokens=2, ignore_eos=True))
+    c = make_request([60, 61, 62], SamplingParams(max_tokens=2, ignore_eos=True))
+    for r in (a, b, c):
+        sched.add_request(r)
+    so, _ = fake_step(sched, rng)
+    # b would recompute a's blocks in the same step: it waits one step instead; c is unaffected
+    assert {s.seq_id for s in so.seqs} == {a.seqs[0].seq_id, c.seqs[0].seq_id}
+    fake_step(sched, rng)
+    assert b.seqs[0].num_cached_tokens == 20
