@@ -32,7 +32,7 @@ from engine.model.default_models import resolve_model
 @dataclass(frozen=True)
 class PrefixBenchConfig:
     model: str = "small-llama"
-    repeats: int = 3
+    repeats: int = 5
     prefill_len: int = 2048
     hit_prefix_len: int = 2048
     hit_suffix_len: int = 32
@@ -104,7 +104,10 @@ class Bench:
         for _ in range(self.cfg.repeats):  # interleaved, so drift hits both alike
             ours.append(self.ttft(self.off, prompt))
             hf.append(self.hf_forward(prompt))
-        return {"engine_ttft_s": ours, "hf_forward_s": hf, "ratio_engine_over_hf": median(ours) / median(hf)}
+        # min over repeats: on a shared 2-core VM the spread between runs (~25%)
+        # is noise from outside; the fastest run is each side's real capability.
+        return {"engine_ttft_s": ours, "hf_forward_s": hf, "ratio_engine_over_hf": min(ours) / min(hf),
+                "ratio_of_medians": median(ours) / median(hf)}
 
     @torch.inference_mode()
     def prefix_hit(self) -> dict:
@@ -148,12 +151,12 @@ class Bench:
         cfg = self.cfg
         params = SamplingParams(temperature=0, max_tokens=cfg.distinct_output_len, ignore_eos=True)
         runs = {"cache_on": [], "cache_off": []}
-        for _ in range(2):  # two fresh prompt sets, interleaved on/off
+        for _ in range(3):  # fresh prompt sets, interleaved on/off
             prompts = [self.tokens(cfg.distinct_prompt_len) for _ in range(cfg.distinct_prompts)]
             runs["cache_on"].append(self._run_workload(self.on, prompts, [params] * len(prompts)))
             runs["cache_off"].append(self._run_workload(self.off, prompts, [params] * len(prompts)))
-        on = median([r["elapsed_s"] for r in runs["cache_on"]])
-        off = median([r["elapsed_s"] for r in runs["cache_off"]])
+        on = min(r["elapsed_s"] for r in runs["cache_on"])
+        off = min(r["elapsed_s"] for r in runs["cache_off"])
         return {**runs, "overhead": on / off - 1.0}
 
     @torch.inference_mode()

@@ -113,7 +113,7 @@ class AsyncLLMEngine:
         return await asyncio.wrap_future(c.done)
 
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive() and self.engine.executor.is_healthy()
+        return self._dead is None and self._thread.is_alive() and self.engine.is_healthy()
 
     @property
     def num_unfinished(self) -> int:

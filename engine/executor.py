@@ -7,6 +7,10 @@ from engine.scheduler_output import SchedulerOutput, StepResult
 from engine.worker import Worker, WorkerSpec
 
 
+class WorkerFailure(RuntimeError):
+    """A worker died, failed or hung: its KV pool is gone and the group must restart."""
+
+
 class Executor(ABC):
     num_blocks: int
 
@@ -18,6 +22,10 @@ class Executor(ABC):
 
     def is_healthy(self) -> bool:
         return True
+
+    def restart(self) -> None:
+        """Bring the workers back with empty KV pools (after a WorkerFailure)."""
+        raise WorkerFailure("this executor cannot restart its workers")
 
 
 class UniprocExecutor(Executor):

@@ -9,7 +9,7 @@ from collections.abc import Sequence as Seq
 from engine.cache.hashing import root_hash
 from engine.cache.kv_manager import KVCacheManager
 from engine.config import EngineConfig
-from engine.executor import Executor, UniprocExecutor
+from engine.executor import Executor, UniprocExecutor, WorkerFailure
 from engine.metrics import EngineMetrics
 from engine.model.default_models import resolve_model
 from engine.model.hf_config import load_arch_config
@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, launcher=None):
+        """``launcher`` starts tensor-parallel workers (default: local processes)."""
         self.config = config
+        self.launcher = launcher
+        self.dead: str | None = None  # set when the workers could not be restarted
         self.model_dir = resolve_model(config.model.model, config.model.cache_dir)
         self.arch = load_arch_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir, extra_eos_token_ids=list(self.arch.eos_token_ids))
@@ -70,7 +73,7 @@ class LLMEngine:
         if self.config.parallel.tensor_parallel_size == 1:
             return UniprocExecutor(self._worker_spec())
         from engine.multiproc import MultiprocExecutor
-        return MultiprocExecutor(self.config, self._worker_spec)
+        return MultiprocExecutor(self.config, self._worker_spec, self.launcher)
 
     # -- requests ----------------------------------------------------------------
 
@@ -78,6 +81,8 @@ class LLMEngine:
                     params: SamplingParams | None = None, prompt_token_ids: Seq[int] | None = None,
                     namespace: Seq[str] = (), arrival_time: float | None = None) -> Request:
         """Validate and queue a request; raises ValueError with a clear message."""
+        if self.dead is not None:
+            raise RuntimeError(f"engine is down: {self.dead}")
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if prompt is None:
@@ -132,7 +137,10 @@ class LLMEngine:
             return self.outputs.drain_finished()
         try:
             result = self.executor.execute(so)
-        except Exception as exc:  # a worker failure: fail the step's requests, keep serving
+        except WorkerFailure as exc:
+            log.error("workers failed: %s", exc)
+            return self._recover(str(exc))
+        except Exception as exc:  # a bug or OOM in this step: fail its requests, keep serving
             log.exception("engine step failed")
             result = StepResult(so.step_id, error=f"{type(exc).__name__}: {exc}")
         if result.error is not None:
@@ -141,6 +149,25 @@ class LLMEngine:
         outputs = self.outputs.process(updated, result.prompt_logprobs)
         self._record_step(time.perf_counter() - start)
         return outputs
+
+    def _recover(self, error: str) -> list[RequestOutput]:
+        """The workers lost their KV pools: fail every request, forget the
+        cache, and restart the workers (or mark the engine dead)."""
+        outs = []
+        for request in self.scheduler.fail_all():
+            self.metrics.inc("num_requests_failed")
+            outs.append(self.outputs.finish_and_release(request, error=f"worker failure: {error}"))
+        self.scheduler.reset_worker_state()
+        self.kv.reset_prefix_cache()
+        try:
+            self.executor.restart()
+        except Exception as exc:
+            self.dead = f"workers failed ({error}) and could not be restarted: {exc}"
+            log.error(self.dead)
+        return outs
+
+    def is_healthy(self) -> bool:
+        return self.dead is None and self.executor.is_healthy()
 
     def _fail_step(self, so, error: str) -> list[RequestOutput]:
         failed = {self.scheduler.seqs[s.seq_id].request for s in so.seqs if s.seq_id in self.scheduler.seqs}

@@ -275,6 +275,12 @@ class Scheduler:
         elif seq.num_tokens >= self.max_model_len:
             self.finish_seq(seq, "length")
 
+    def reset_worker_state(self) -> None:
+        """Workers restarted: they hold no sampling state and owe no copies."""
+        self._has_sampler.clear()
+        self._finished_ids.clear()
+        self._pending_copies.clear()
+
     def fail_all(self) -> list[Request]:
         """Finish every request with an error (the workers died)."""
         failed = list(self.requests.values())

@@ -1,0 +1,71 @@
+"""How worker processes come to exist. The executor only needs ``start``.
+
+``ProcessLauncher`` starts local processes (the offline API, the CLI, tests);
+the cluster provides a Ray-actor launcher with the same interface, and the
+worker code is the same either way (engine/worker_main.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+
+from engine import wire
+from engine.worker_main import WorkerArgs
+
+
+class WorkerHandle(ABC):
+    @abstractmethod
+    def is_alive(self) -> bool: ...
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop the worker now (SIGKILL or equivalent) and reap it."""
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+class WorkerLauncher(ABC):
+    @abstractmethod
+    def start(self, args: WorkerArgs) -> WorkerHandle: ...
+
+    def close(self) -> None:
+        """Release launcher resources (placement groups, ...) after the last kill."""
+
+
+class ProcessHandle(WorkerHandle):
+    def __init__(self, proc: subprocess.Popen, rank: int):
+        self.proc = proc
+        self.rank = rank
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+
+    def describe(self) -> str:
+        return f"rank {self.rank} (pid {self.proc.pid}, exit code {self.proc.poll()})"
+
+
+class ProcessLauncher(WorkerLauncher):
+    """``python -m engine.worker_main '<json args>'``: plain JSON in, never pickle."""
+
+    def start(self, args: WorkerArgs) -> WorkerHandle:
+        payload = json.dumps(wire.to_plain(args))
+        proc = subprocess.Popen([sys.executable, "-m", "engine.worker_main", payload],
+                                stdin=subprocess.DEVNULL)
+        return ProcessHandle(proc, args.spec.rank)

@@ -1,0 +1,186 @@
+"""Tensor parallelism over N worker processes, driven through the engine-worker queue.
+
+The engine binds one ZMQ ROUTER socket on ``engine_worker_queue_port`` (host
+127.0.0.1 unless configured); each rank connects a DEALER with identity
+``rank-N``. Every step is one msgpack message to each rank and one reply from
+each; rank 0's reply carries the sampled tokens. A rank that dies, fails or
+does not answer within ``worker_timeout_s`` fails the step with
+WorkerFailure; the engine then restarts the whole group.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import zmq
+
+from engine import wire
+from engine.config import EngineConfig
+from engine.executor import Executor, WorkerFailure
+from engine.launcher import ProcessLauncher, WorkerHandle, WorkerLauncher
+from engine.scheduler_output import SchedulerOutput, StepResult
+from engine.worker import WorkerSpec
+from engine.worker_main import WORKER_TO_ENGINE, InitCache, WorkerArgs
+
+log = logging.getLogger(__name__)
+_POLL_MS = 100  # how often a wait checks that every worker is still alive
+_LOAD_TIMEOUT_S = 600.0  # loading a shard can take long; hangs are still bounded
+
+
+def bind_router(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, int]:
+    """Bind the configured port, or any free one if it is taken (another
+    replica on this node), so replicas never collide."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises, not drops
+    if port:
+        try:
+            sock.bind(f"tcp://{host}:{port}")
+            return sock, port
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+            log.warning("engine_worker_queue_port %d is in use; binding a free port instead", port)
+    return sock, sock.bind_to_random_port(f"tcp://{host}")
+
+
+def free_tcp_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig, spec_fn: Callable[[int, str], WorkerSpec],
+                 launcher: WorkerLauncher | None = None):
+        self.config = config
+        self.tp = config.parallel.tensor_parallel_size
+        self.timeout_s = config.parallel.worker_timeout_s
+        self.spec_fn = spec_fn
+        self.launcher = launcher or ProcessLauncher()
+        self.ctx = zmq.Context()
+        host = config.parallel.host
+        self.sock, self.port = bind_router(self.ctx, host, config.parallel.engine_worker_queue_port)
+        self.address = f"tcp://{host}:{self.port}"
+        self.handles: list[WorkerHandle] = []
+        self.healthy = False
+        self.num_blocks = 0
+        self.last_queue_overhead_s = 0.0
+        self._start_group()
+
+    # -- group lifecycle ---------------------------------------------------------------
+
+    def _start_group(self) -> None:
+        host = self.config.parallel.host
+        init = f"tcp://{host}:{free_tcp_port(host)}"
+        threads = max(1, (os.cpu_count() or 1) // self.tp)  # no oversubscription across ranks
+        self.handles = [self.launcher.start(WorkerArgs(self.spec_fn(rank, init), self.address, threads))
+                        for rank in range(self.tp)]
+        try:
+            loaded = self._gather("loaded", _LOAD_TIMEOUT_S)
+            capacity = min(m.num_blocks for m in loaded.values())
+            if capacity < 1:
+                raise WorkerFailure("no KV block fits on some rank")
+            self._broadcast("init_cache", InitCache(capacity))
+            self._gather("ack", _LOAD_TIMEOUT_S)
+        except BaseException:
+            self._kill_all()
+            raise
+        if self.num_blocks and capacity != self.num_blocks:
+            self._kill_all()
+            raise WorkerFailure(f"restarted workers fit {capacity} blocks, not {self.num_blocks}")
+        self.num_blocks = capacity
+        self.healthy = True
+
+    def restart(self) -> None:
+        """Replace every worker (after a failure); the KV pools start empty."""
+        self._kill_all()
+        self._drain()
+        self._start_group()
+
+    def _kill_all(self) -> None:
+        self.healthy = False
+        for h in self.handles:
+            h.kill()
+
+    def _drain(self) -> None:
+        while self.sock.poll(0):
+            self.sock.recv_multipart()
+
+    # -- messaging -------------------------------------------------------------------------
+
+    def _broadcast(self, kind: str, body) -> None:
+        data = wire.encode(kind, body)
+        for rank in range(self.tp):
+            try:
+                self.sock.send_multipart([f"rank-{rank}".encode(), data])
+            except zmq.ZMQError as exc:
+                raise WorkerFailure(f"rank {rank} is not connected: {exc}") from exc
+
+    def _gather(self, kind: str, timeout_s: float) -> dict:
+        """One ``kind`` reply per rank, or WorkerFailure (death, failure, timeout)."""
+        replies: dict[int, object] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < self.tp:
+            if self.sock.poll(_POLL_MS):
+                ident, raw = self.sock.recv_multipart()
+                try:
+                    got, body = wire.decode(raw, WORKER_TO_ENGINE)
+                except wire.WireError as exc:
+                    raise WorkerFailure(f"{ident!r} sent an invalid message: {exc}") from exc
+                if got == "failure":
+                    raise WorkerFailure(f"rank {body.rank} failed: {body.message}")
+                if got == "hello":
+                    continue
+                if got != kind:
+                    raise WorkerFailure(f"rank {body.rank} answered {got!r}, expected {kind!r}")
+                replies[body.rank] = body
+                continue
+            dead = [h.describe() for h in self.handles if not h.is_alive()]
+            if dead:
+                raise WorkerFailure(f"worker died: {', '.join(dead)}")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.tp)) - set(replies))
+                raise WorkerFailure(f"rank(s) {missing} did not answer within {timeout_s:.0f}s")
+        return replies
+
+    # -- Executor --------------------------------------------------------------------------------
+
+    def execute(self, so: SchedulerOutput) -> StepResult:
+        if not self.healthy:
+            raise WorkerFailure("workers are down")
+        start = time.perf_counter()
+        try:
+            self._broadcast("step", so)
+            replies = self._gather("step", self.timeout_s)
+        except WorkerFailure:
+            self.healthy = False
+            raise
+        compute = max(r.compute_s for r in replies.values())
+        self.last_queue_overhead_s = time.perf_counter() - start - compute
+        return replies[0].result
+
+    def ping(self) -> float:
+        """Round trip through every rank's queue, in seconds (health and overhead)."""
+        start = time.perf_counter()
+        self._broadcast("ping", None)
+        self._gather("ack", self.timeout_s)
+        return time.perf_counter() - start
+
+    def is_healthy(self) -> bool:
+        return self.healthy and all(h.is_alive() for h in self.handles)
+
+    def shutdown(self) -> None:
+        if self.healthy:
+            try:
+                self._broadcast("shutdown", None)
+                self._gather("ack", 10.0)
+            except WorkerFailure:
+                pass
+        self._kill_all()
+        self.launcher.close()
+        self.sock.close(0)
+        self.ctx.term()

@@ -1,0 +1,145 @@
+"""The loop one tensor-parallel worker runs, whoever launched it.
+
+A worker connects a ZMQ DEALER socket to the engine's engine-worker queue
+(``engine_worker_queue_port``), says hello, loads its shard, reports how many
+KV blocks fit, and then executes whatever valid messages arrive until told to
+stop. The same ``run_worker`` serves local processes (``python -m
+engine.worker_main``) and Ray actors (cluster/), so launching is pluggable.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from engine import wire
+from engine.scheduler_output import SchedulerOutput, StepResult
+from engine.worker import Worker, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    spec: WorkerSpec
+    engine_address: str   # tcp://127.0.0.1:8002
+    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    die_with_parent: bool = True  # local processes: never outlive the engine
+
+
+@dataclass(frozen=True)
+class Hello:
+    rank: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Loaded:
+    rank: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class InitCache:
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    rank: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    rank: int
+    message: str
+
+
+@dataclass(frozen=True)
+class StepReply:
+    rank: int
+    result: StepResult
+    compute_s: float  # time inside the worker, so the engine can tell queue overhead apart
+
+
+# What the engine may send a worker: kind -> body type.
+ENGINE_TO_WORKER = {"init_cache": InitCache, "step": SchedulerOutput, "ping": None, "shutdown": None}
+# What a worker may send the engine.
+WORKER_TO_ENGINE = {"hello": Hello, "loaded": Loaded, "ack": Ack, "step": StepReply, "failure": Failure}
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL us when the engine process dies, so a
+    crashed engine leaves no orphan workers holding ports or memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_worker(args: WorkerArgs) -> None:
+    if args.die_with_parent:
+        _die_with_parent()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    rank = args.spec.rank
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, f"rank-{rank}".encode())
+    sock.connect(args.engine_address)
+    send = lambda kind, body: sock.send(wire.encode(kind, body))  # noqa: E731
+    send("hello", Hello(rank, os.getpid()))
+    try:
+        worker = Worker(args.spec)
+        send("loaded", Loaded(rank, worker.num_blocks_fitting()))
+        _serve(sock, worker, rank, send)
+    except Exception as exc:  # report, then exit: the engine restarts the group
+        send("failure", Failure(rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+        raise
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def _serve(sock, worker: Worker, rank: int, send) -> None:
+    while True:
+        raw = sock.recv()
+        try:
+            kind, body = wire.decode(raw, ENGINE_TO_WORKER)
+        except wire.WireError as exc:  # never execute what we cannot validate
+            send("failure", Failure(rank, f"rejected message: {exc}"))
+            continue
+        if kind == "shutdown":
+            worker.shutdown()
+            send("ack", Ack(rank))
+            return
+        if kind == "ping":
+            send("ack", Ack(rank))
+        elif kind == "init_cache":
+            worker.init_cache(body.num_blocks)
+            send("ack", Ack(rank))
+        elif kind == "step":
+            start = time.perf_counter()
+            result = worker.execute(body)
+            send("step", StepReply(rank, result, time.perf_counter() - start))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"[worker %(process)d] %(message)s")
+    args = wire.from_plain(WorkerArgs, json.loads(sys.argv[1]))
+    run_worker(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Tensor parallelism on CPU with gloo: TP=2 == TP=1, the queue protocol, and faults."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from engine import LLM, SamplingParams, wire
+from engine.scheduler_output import SchedulerOutput
+from engine.worker_main import ENGINE_TO_WORKER
+
+from .test_loader import mistral_dir  # noqa: F401  (GQA fixture: 1 KV head)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+LOGPROB_ATOL = 2e-4
+
+
+def run(llm: LLM, prompts):
+    return llm.generate(prompts, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_dir):
+    llm = LLM(str(tiny_dir), tensor_parallel_size=2, engine_worker_queue_port=0, max_model_len=512)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tp1(tiny_dir):
+    return LLM(str(tiny_dir), max_model_len=512)
+
+
+PROMPTS = ["Tensor parallel test one", "and a second, somewhat longer prompt for the batch " * 3,
+           "short"]
+
+
+def test_tp2_equals_tp1(tp1, tp2):
+    a, b = run(tp1, PROMPTS), run(tp2, PROMPTS)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        lx = [lp[t].logprob for lp, t in zip(x.outputs[0].logprobs, x.outputs[0].token_ids)]
+        ly = [lp[t].logprob for lp, t in zip(y.outputs[0].logprobs, y.outputs[0].token_ids)]
+        assert max(abs(p - q) for p, q in zip(lx, ly)) < LOGPROB_ATOL
+
+
+def test_prefix_hits_identical_across_tp(tp1, tp2):
+    shared = "A shared system prompt that is long enough to span a few blocks of sixteen tokens. " * 2
+    for llm in (tp1, tp2):
+        run(llm, [shared + "first"])
+    a, b = run(tp1, [shared + "second"])[0], run(tp2, [shared + "second"])[0]
+    assert a.num_cached_tokens == b.num_cached_tokens > 0
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_kv_heads_must_divide(mistral_dir):  # noqa: F811
+    path, _ = mistral_dir
+    with pytest.raises(Exception, match="num_key_value_heads = 1 is not divisible"):
+        LLM(str(path), tensor_parallel_size=2, engine_worker_queue_port=0, worker_timeout_s=60)
+
+
+def test_malformed_and_wrong_version_messages_are_rejected():
+    good = SchedulerOutput(step_id=1)
+    kind, body = wire.decode(wire.encode("step", good), ENGINE_TO_WORKER)
+    assert kind == "step" and body == good
+    bad_version = msgpack.packb({"v": 99, "kind": "step", "body": wire.to_plain(good)})
+    with pytest.raises(wire.WireError, match="version"):
+        wire.decode(bad_version, ENGINE_TO_WORKER)
+    with pytest.raises(wire.WireError, match="not a msgpack"):
+        wire.decode(b"\xc1garbage", ENGINE_TO_WORKER)
+    wrong_type = msgpack.packb({"v": wire.WIRE_VERSION, "kind": "step",
+                                "body": {**wire.to_plain(good), "step_id": "one"}})
+    with pytest.raises(wire.WireError, match="step_id"):
+        wire.decode(wrong_type, ENGINE_TO_WORKER)
+    unknown_kind = wire.encode("rm -rf", {})
+    with pytest.raises(wire.WireError, match="unexpected message kind"):
+        wire.decode(unknown_kind, ENGINE_TO_WORKER)
+    extra = msgpack.packb({"v": wire.WIRE_VERSION, "kind": "step",
+                           "body": {**wire.to_plain(good), "exec": "x"}})
+    with pytest.raises(wire.WireError, match="unknown field"):
+        wire.decode(extra, ENGINE_TO_WORKER)
+
+
+def test_worker_rejects_garbage_and_keeps_serving(tp2):
+    """A rogue peer on the queue port: the worker answers with a failure, runs nothing."""
+    executor = tp2.engine.executor
+    executor.sock.send_multipart([b"rank-1", b"\x93not-a-valid-message"])
+    deadline = time.monotonic() + 10
+    reply = None
+    while time.monotonic() < deadline and reply is None:
+        if executor.sock.poll(100):
+            _, raw = executor.sock.recv_multipart()
+            reply = wire.decode(raw, {"failure": None})
+    assert reply is not None and "rejected message" in reply[1]["message"]
+    assert run(tp2, ["still fine"])[0].outputs[0].finish_reason == "length"
+
+
+def _pids(llm: LLM) -> list[int]:
+    return [h.pid for h in llm.engine.executor.handles]
+
+
+def test_killed_worker_fails_request_then_engine_recovers(tiny_dir):
+    llm = LLM(str(tiny_dir), tensor_parallel_size=2, engine_worker_queue_port=0, worker_timeout_s=20,
+              max_model_len=512)
+    engine = llm.engine
+    old = _pids(llm)
+    engine.add_request("victim", "a request that will lose its worker",
+                       SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    start = time.monotonic()
+    os.kill(old[1], signal.SIGKILL)
+    outs = []
+    while not any(o.request_id == "victim" and o.finished for o in outs):
+        outs += engine.step()
+        assert time.monotonic() - start < 30, "the failed request must end within the bound"
+    victim = next(o for o in outs if o.request_id == "victim")
+    assert victim.outputs[0].finish_reason == "error" and "worker" in victim.error
+    assert engine.is_healthy()
+    new = _pids(llm)
+    assert not set(new) & set(old)
+    assert run(llm, ["after the restart"])[0].outputs[0].finish_reason == "length"
+    llm.shutdown()
+    for pid in old + new:  # no orphans
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_shutdown_frees_port(tiny_dir):
+    llm = LLM(str(tiny_dir), tensor_parallel_size=2, engine_worker_queue_port=0)
+    port = llm.engine.executor.port
+    llm.shutdown()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(f"tcp://127.0.0.1:{port}")  # would raise EADDRINUSE if still bound
+    s.close(0)
+    ctx.term()
