@@ -12,7 +12,15 @@ class WorkerFailure(RuntimeError):
 
 
 class Executor(ABC):
+    """Runs steps on the workers. After construction ``num_blocks`` is how many
+    device blocks fit on every rank and ``block_bytes`` the size of one;
+    ``init_cache`` then allocates the pools."""
+
     num_blocks: int
+    block_bytes: int
+
+    @abstractmethod
+    def init_cache(self, num_blocks: int, num_cpu_blocks: int, cache_address: str) -> None: ...
 
     @abstractmethod
     def execute(self, so: SchedulerOutput) -> StepResult: ...
@@ -34,7 +42,11 @@ class UniprocExecutor(Executor):
     def __init__(self, spec: WorkerSpec):
         self.worker = Worker(spec)
         self.num_blocks = self.worker.num_blocks_fitting()
-        self.worker.init_cache(self.num_blocks)
+        self.block_bytes = self.worker.block_bytes
+
+    def init_cache(self, num_blocks: int, num_cpu_blocks: int, cache_address: str) -> None:
+        self.num_blocks = num_blocks
+        self.worker.init_cache(num_blocks, num_cpu_blocks, cache_address)
 
     def execute(self, so: SchedulerOutput) -> StepResult:
         return self.worker.execute(so)

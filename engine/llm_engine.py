@@ -6,8 +6,12 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 
+import uuid
+
+from engine.cache.events import EventLog
 from engine.cache.hashing import root_hash
 from engine.cache.kv_manager import KVCacheManager
+from engine.cache_transfer import CacheTransferClient, TransferTask
 from engine.config import EngineConfig
 from engine.executor import Executor, UniprocExecutor, WorkerFailure
 from engine.metrics import EngineMetrics
@@ -26,10 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, launcher=None):
-        """``launcher`` starts tensor-parallel workers (default: local processes)."""
+    def __init__(self, config: EngineConfig, launcher=None, engine_id: str | None = None):
+        """``launcher`` starts tensor-parallel workers (default: local processes);
+        ``engine_id`` names this engine in its block events (default: random)."""
         self.config = config
         self.launcher = launcher
+        self.engine_id = engine_id or uuid.uuid4().hex[:12]
         self.dead: str | None = None  # set when the workers could not be restarted
         self.model_dir = resolve_model(config.model.model, config.model.cache_dir)
         self.arch = load_arch_config(self.model_dir)
@@ -37,16 +43,47 @@ class LLMEngine:
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
+        check_host_memory(config)
         self.metrics = EngineMetrics()
         self.executor = self._make_executor()
+        self.transfers: CacheTransferClient | None = None
+        try:
+            num_cpu_blocks = self._init_pools()
+        except BaseException:
+            self.shutdown()
+            raise
         # A lone sequence must always fit the pool, or preemption could loop forever.
         self.max_model_len = min(self.max_model_len, self.executor.num_blocks * self.block_size)
-        self.kv = KVCacheManager(self.executor.num_blocks, self.block_size,
-                                 config.cache.enable_prefix_caching)
+        self.events = EventLog(self.engine_id)
+        self.kv = self._make_kv(num_cpu_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.metrics)
         self._seq_ids = itertools.count()
-        self._last_stats = (0, 0, 0)
+        self._last_stats = (0, 0, 0, 0)
+
+    def _init_pools(self) -> int:
+        """Size the CPU tier from what a block weighs on each rank, start the
+        cache queue, and have every rank allocate its pools."""
+        cache, par = self.config.cache, self.config.parallel
+        num_cpu = cache.num_cpu_blocks
+        if num_cpu is None:
+            num_cpu = int(cache.swap_space * 2**30) // self.executor.block_bytes
+        if num_cpu:
+            self.transfers = CacheTransferClient(par.host, par.cache_queue_port, par.tensor_parallel_size)
+        address = self.transfers.address if self.transfers else ""
+        self.executor.init_cache(self.executor.num_blocks, num_cpu, address)
+        if self.transfers:
+            self.transfers.wait_connected(par.worker_timeout_s)
+        return num_cpu
+
+    def _make_kv(self, num_cpu_blocks: int) -> KVCacheManager:
+        sched = self.config.scheduler
+        # Keep one step's worth of allocations written back ahead of eviction.
+        window = min(self.executor.num_blocks // 2,
+                     sched.max_num_batched_tokens // self.block_size + sched.max_num_seqs)
+        return KVCacheManager(self.executor.num_blocks, self.block_size,
+                              self.config.cache.enable_prefix_caching, num_cpu_blocks, self.events,
+                              demote_window=window)
 
     # -- setup -----------------------------------------------------------------
 
@@ -133,22 +170,56 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         so = self.scheduler.schedule()
-        if so.is_empty and not so.finished_seq_ids:
-            return self.outputs.drain_finished()
         try:
+            self._send_transfers()
+            if so.is_empty and not so.finished_seq_ids:
+                # Nothing to compute: maybe swap-ins are running. Wait a little for them.
+                return self._finish_transfers(wait_s=0.005) + self.outputs.drain_finished()
             result = self.executor.execute(so)
-        except WorkerFailure as exc:
+            failed = self._finish_transfers(wait_for=so.wait_transfers)
+        except (WorkerFailure, TimeoutError) as exc:
             log.error("workers failed: %s", exc)
             return self._recover(str(exc))
         except Exception as exc:  # a bug or OOM in this step: fail its requests, keep serving
             log.exception("engine step failed")
-            result = StepResult(so.step_id, error=f"{type(exc).__name__}: {exc}")
+            result, failed = StepResult(so.step_id, error=f"{type(exc).__name__}: {exc}"), []
         if result.error is not None:
-            return self._fail_step(so, result.error)
+            return failed + self._fail_step(so, result.error)
         updated = self.scheduler.update(so, result)
-        outputs = self.outputs.process(updated, result.prompt_logprobs)
+        outputs = failed + self.outputs.process(updated, result.prompt_logprobs)
         self._record_step(time.perf_counter() - start)
         return outputs
+
+    def _send_transfers(self) -> None:
+        for t in self.scheduler.take_transfers():
+            self.transfers.send(TransferTask(t.task_id, t.kind, t.gpu_blocks, t.cpu_blocks))
+
+    def _finish_transfers(self, wait_for: list[int] = (), wait_s: float = 0.0) -> list[RequestOutput]:
+        """Apply finished transfers; outputs for requests whose swap-in failed."""
+        if self.transfers is None:
+            if wait_s:
+                time.sleep(wait_s)  # idle without a CPU tier: nothing will arrive
+            return []
+        timeout = self.config.parallel.worker_timeout_s if wait_for else wait_s
+        done = self.transfers.poll(set(wait_for), timeout)
+        if not done and wait_s and self.kv.cpu.inflight:
+            done = self.transfers.poll(timeout_s=0) or []
+            time.sleep(wait_s)
+        outs = []
+        for d in done:
+            t, seq = self.scheduler.apply_transfer(d.task_id, d.ok)
+            kind = "swap_in" if t.kind == "swap_in" else "swap_out"
+            if d.ok:
+                self.metrics.inc(f"{kind}_blocks", len(t.gpu_blocks))
+                self.metrics.inc(f"{kind}_bytes", d.num_bytes)
+                self.metrics.observe("cache_transfer_seconds", d.seconds)
+            if seq is not None:  # its prefix could not be restored: fail the whole request
+                self.metrics.inc("num_requests_failed")
+                for other in seq.request.seqs:
+                    if not other.is_finished:
+                        self.scheduler.finish_seq(other, "error")
+                outs.append(self.outputs.finish_and_release(seq.request, error=f"cache transfer failed: {d.error}"))
+        return outs
 
     def _recover(self, error: str) -> list[RequestOutput]:
         """The workers lost their KV pools: fail every request, forget the
@@ -158,9 +229,13 @@ class LLMEngine:
             self.metrics.inc("num_requests_failed")
             outs.append(self.outputs.finish_and_release(request, error=f"worker failure: {error}"))
         self.scheduler.reset_worker_state()
-        self.kv.reset_prefix_cache()
+        self.kv.clear_all()
         try:
+            if self.transfers is not None:
+                self.transfers.reset()
             self.executor.restart()
+            if self.transfers is not None:
+                self.transfers.wait_connected(self.config.parallel.worker_timeout_s)
         except Exception as exc:
             self.dead = f"workers failed ({error}) and could not be restarted: {exc}"
             log.error(self.dead)
@@ -183,17 +258,51 @@ class LLMEngine:
     def _record_step(self, seconds: float) -> None:
         m, st = self.metrics, self.scheduler.stats
         m.observe("step_seconds", seconds)
-        queries, hits, preempt = st.prefix_queries_tokens, st.prefix_hits_tokens, st.num_preemptions
-        q0, h0, p0 = self._last_stats
-        m.inc("prefix_cache_queries_tokens", queries - q0)
-        m.inc("prefix_cache_hits_tokens", hits - h0)
-        m.inc("prefix_cache_gpu_hits_tokens", hits - h0)
-        m.inc("num_preemptions", preempt - p0)
-        self._last_stats = (queries, hits, preempt)
+        now = (st.prefix_queries_tokens, st.prefix_hits_tokens, st.prefix_cpu_hits_tokens, st.num_preemptions)
+        (dq, dh, dc, dp) = (a - b for a, b in zip(now, self._last_stats))
+        self._last_stats = now
+        m.inc("prefix_cache_queries_tokens", dq)
+        m.inc("prefix_cache_hits_tokens", dh)
+        m.inc("prefix_cache_gpu_hits_tokens", dh - dc)
+        m.inc("prefix_cache_cpu_hits_tokens", dc)
+        m.inc("num_preemptions", dp)
+        if self.kv.cpu is not None:
+            m.set("cpu_cache_usage_perc", self.kv.cpu.usage)
         m.set("num_requests_running", len({s.request.request_id for s in self.scheduler.running}))
         m.set("num_requests_waiting", len({s.request.request_id for s in self.scheduler.waiting}))
         m.set("kv_cache_usage_perc", self.kv.usage)
         m.set("num_cached_blocks", len(self.kv.tree))
 
+    def snapshot(self):
+        """Every cached block and its tiers, as of the last recorded event."""
+        from engine.cache.events import Snapshot, SnapshotEntry
+        blocks = [SnapshotEntry(n.block_hash, n.parent.block_hash if n.parent else None, n.root,
+                                (["gpu"] if n.gpu_ready else []) + (["cpu"] if n.cpu_ready else []))
+                  for n in self.kv.tree.nodes() if n.gpu_ready or n.cpu_ready]
+        return Snapshot(self.engine_id, self.events.next_seq - 1, blocks)
+
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.shutdown()
+        if getattr(self, "transfers", None) is not None:
+            self.transfers.close()
+
+
+def check_host_memory(config: EngineConfig) -> None:
+    """Fail at startup, clearly, if the CPU tier cannot fit in host memory."""
+    want = config.cache.swap_space * config.parallel.tensor_parallel_size
+    if not want:
+        return
+    if not config.cache.enable_prefix_caching:
+        raise ValueError("swap_space > 0 adds a CPU tier to the prefix cache; it needs "
+                         "enable_prefix_caching=True")
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        available = int(meminfo["MemAvailable"].split()[0]) / 2**20  # kB -> GiB
+    except (OSError, KeyError, ValueError):
+        return  # not Linux: cannot check
+    if want > available:
+        raise ValueError(f"swap_space = {config.cache.swap_space} GiB per rank x "
+                         f"{config.parallel.tensor_parallel_size} rank(s) = {want:.1f} GiB exceeds the "
+                         f"{available:.1f} GiB of host memory available")

@@ -71,6 +71,8 @@ _SCALARS = {
     "num_preemptions": ("counter", "Sequences preempted"),
     "swap_in_blocks": ("counter", "KV blocks copied CPU tier -> device"),
     "swap_out_blocks": ("counter", "KV blocks copied device -> CPU tier"),
+    "swap_in_bytes": ("counter", "Bytes copied CPU tier -> device, all ranks"),
+    "swap_out_bytes": ("counter", "Bytes copied device -> CPU tier, all ranks"),
     "num_requests_running": ("gauge", "Requests with a sequence in the running batch"),
     "num_requests_waiting": ("gauge", "Requests waiting to be scheduled"),
     "kv_cache_usage_perc": ("gauge", "Fraction of device KV blocks referenced by live sequences"),
@@ -90,6 +92,8 @@ class EngineMetrics:
             Histogram("time_per_output_token_seconds", "Time per output token after the first", _TPOT_BUCKETS),
             Histogram("e2e_request_latency_seconds", "Arrival to finish", _TTFT_BUCKETS),
             Histogram("step_seconds", "Wall time of one engine step", _STEP_BUCKETS),
+            Histogram("cache_transfer_seconds", "Time of one cache-queue transfer (slowest rank)",
+                      _STEP_BUCKETS),
         )}
 
     def inc(self, name: str, amount: float = 1.0) -> None:

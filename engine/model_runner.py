@@ -67,6 +67,8 @@ class ModelRunner:
         self.backend = select_backend(config.attention_backend, device)
         self.num_kv_heads = arch.num_kv_heads // tp.size
         self.kv_cache: torch.Tensor | None = None
+        self.host_cache: torch.Tensor | None = None  # the CPU tier's pool
+        self.transfer = None  # CacheTransferServer, when there is a CPU tier
         self.sampler = Sampler(eos_token_ids, seed=config.model.seed) if tp.rank == 0 else None
         self.states: dict[int, SeqSamplingState] = {}
 
@@ -129,9 +131,18 @@ class ModelRunner:
             prefill_query_start_loc=torch.tensor([0, n], dtype=i32, device=dev),
             prefill_seq_lens=torch.tensor([n], dtype=i32, device=dev))
 
+    def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (self.arch.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.arch.head_dim)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (self.arch.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.arch.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Zeroed, so padding positions read by the attention are never NaN.
+        self.kv_cache = torch.zeros(self._pool_shape(num_blocks), dtype=self.dtype, device=self.device)
+
+    def allocate_host_pool(self, num_blocks: int) -> torch.Tensor:
+        """The CPU tier: same layout in host memory, pinned for async copies on CUDA."""
+        pin = self.device.type == "cuda"
+        self.host_cache = torch.zeros(self._pool_shape(num_blocks), dtype=self.dtype, pin_memory=pin)
+        return self.host_cache
 
     # -- one step --------------------------------------------------------------
 
@@ -191,9 +202,13 @@ class ModelRunner:
             self.backend.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
                                      torch.tensor(dst, device=self.device))
         self._update_states(so)
+        result = self._forward(so) if so.seqs else StepResult(so.step_id)
+        if so.wait_transfers:  # this step's swap-outs must land before any block is reused
+            self.transfer.wait(so.wait_transfers, timeout_s=self.config.parallel.worker_timeout_s)
+        return result
+
+    def _forward(self, so: SchedulerOutput) -> StepResult:
         result = StepResult(so.step_id)
-        if not so.seqs:
-            return result
         inputs = self._prepare(so)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend)
         if so.sample_rows:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ from engine import wire
 from engine.config import EngineConfig
 from engine.executor import Executor, WorkerFailure
 from engine.launcher import ProcessLauncher, WorkerHandle, WorkerLauncher
+from engine.net import bind_router, free_tcp_port
 from engine.scheduler_output import SchedulerOutput, StepResult
 from engine.worker import WorkerSpec
 from engine.worker_main import WORKER_TO_ENGINE, InitCache, WorkerArgs
@@ -28,29 +28,6 @@ from engine.worker_main import WORKER_TO_ENGINE, InitCache, WorkerArgs
 log = logging.getLogger(__name__)
 _POLL_MS = 100  # how often a wait checks that every worker is still alive
 _LOAD_TIMEOUT_S = 600.0  # loading a shard can take long; hangs are still bounded
-
-
-def bind_router(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, int]:
-    """Bind the configured port, or any free one if it is taken (another
-    replica on this node), so replicas never collide."""
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises, not drops
-    if port:
-        try:
-            sock.bind(f"tcp://{host}:{port}")
-            return sock, port
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EADDRINUSE:
-                raise
-            log.warning("engine_worker_queue_port %d is in use; binding a free port instead", port)
-    return sock, sock.bind_to_random_port(f"tcp://{host}")
-
-
-def free_tcp_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class MultiprocExecutor(Executor):
@@ -67,13 +44,15 @@ class MultiprocExecutor(Executor):
         self.address = f"tcp://{host}:{self.port}"
         self.handles: list[WorkerHandle] = []
         self.healthy = False
-        self.num_blocks = 0
         self.last_queue_overhead_s = 0.0
+        self._cache_args: tuple[int, int, str] = (0, 0, "")
         self._start_group()
+        self.num_blocks = self.capacity
 
     # -- group lifecycle ---------------------------------------------------------------
 
     def _start_group(self) -> None:
+        """Start every rank and wait until each has loaded its shard."""
         host = self.config.parallel.host
         init = f"tcp://{host}:{free_tcp_port(host)}"
         threads = max(1, (os.cpu_count() or 1) // self.tp)  # no oversubscription across ranks
@@ -81,18 +60,26 @@ class MultiprocExecutor(Executor):
                         for rank in range(self.tp)]
         try:
             loaded = self._gather("loaded", _LOAD_TIMEOUT_S)
-            capacity = min(m.num_blocks for m in loaded.values())
-            if capacity < 1:
-                raise WorkerFailure("no KV block fits on some rank")
-            self._broadcast("init_cache", InitCache(capacity))
+        except BaseException:
+            self._kill_all()
+            raise
+        self.capacity = min(m.num_blocks for m in loaded.values())
+        self.block_bytes = max(m.block_bytes for m in loaded.values())
+        if self.capacity < 1:
+            self._kill_all()
+            raise WorkerFailure("no KV block fits on some rank")
+
+    def init_cache(self, num_blocks: int, num_cpu_blocks: int, cache_address: str) -> None:
+        if num_blocks > self.capacity:
+            raise WorkerFailure(f"{num_blocks} blocks asked, but only {self.capacity} fit on every rank")
+        try:
+            self._broadcast("init_cache", InitCache(num_blocks, num_cpu_blocks, cache_address))
             self._gather("ack", _LOAD_TIMEOUT_S)
         except BaseException:
             self._kill_all()
             raise
-        if self.num_blocks and capacity != self.num_blocks:
-            self._kill_all()
-            raise WorkerFailure(f"restarted workers fit {capacity} blocks, not {self.num_blocks}")
-        self.num_blocks = capacity
+        self.num_blocks = num_blocks
+        self._cache_args = (num_blocks, num_cpu_blocks, cache_address)
         self.healthy = True
 
     def restart(self) -> None:
@@ -100,6 +87,7 @@ class MultiprocExecutor(Executor):
         self._kill_all()
         self._drain()
         self._start_group()
+        self.init_cache(*self._cache_args)
 
     def _kill_all(self) -> None:
         self.healthy = False

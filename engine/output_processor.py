@@ -119,7 +119,7 @@ class OutputProcessor:
                                  request.first_token_time, request.finished_time)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
                              request.is_finished, max(seqs[0].num_cached_tokens, 0),
-                             request.prompt_logprobs, metrics, error)
+                             seqs[0].num_cpu_cached_tokens, request.prompt_logprobs, metrics, error)
 
     def _release(self, request: Request) -> None:
         m = self.metrics

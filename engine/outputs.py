@@ -58,7 +58,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (both tiers)
+    num_cpu_cached_tokens: int = 0  # the part of num_cached_tokens swapped in from the CPU tier
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     error: str | None = None  # set when the request failed inside the engine

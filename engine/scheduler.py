@@ -26,6 +26,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     prefix_queries_tokens: int = 0
     prefix_hits_tokens: int = 0
+    prefix_cpu_hits_tokens: int = 0
 
 
 def _priority(seq: Sequence) -> tuple[float, int]:
@@ -48,6 +49,7 @@ class Scheduler:
         self._has_sampler: set[int] = set()  # seq ids rank 0 holds sampling state for
         self._finished_ids: list[int] = []
         self._pending_copies: list[tuple[int, int]] = []
+        self.swapping: dict[int, Sequence] = {}  # seq id -> sequence waiting for its swap-in
 
     # -- requests ----------------------------------------------------------
 
@@ -77,6 +79,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status == SeqStatus.SWAPPING_IN:
+            del self.swapping[seq.seq_id]
         self.kv.free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -101,7 +105,8 @@ class Scheduler:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._finished_ids or self._pending_copies)
+        return bool(self.waiting or self.running or self.swapping or self._finished_ids
+                    or self._pending_copies)
 
     # -- scheduling ----------------------------------------------------------
 
@@ -144,7 +149,7 @@ class Scheduler:
 
     def _inflight_hashes(self) -> set[int]:
         """Block hashes that running prefills are computing but have not committed yet."""
-        inflight = set()
+        inflight = self.kv.cpu.inflight_hashes() if self.kv.cpu is not None else set()
         for seq in self.running:
             if seq.num_uncomputed > 1:
                 inflight.update(seq.block_hashes[seq.num_computed_tokens // self.kv.block_size:])
@@ -152,7 +157,7 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, out: list[tuple[Sequence, int]]) -> int:
         # Seats taken: running sequences plus the n>1 children they will fork into.
-        used = sum(self._seats(s) for s in self.running)
+        used = sum(self._seats(s) for s in self.running) + len(self.swapping)
         inflight = self._inflight_hashes() if self.kv.enable_prefix_caching else set()
         deferred: list[Sequence] = []
         while self.waiting and budget > 0:
@@ -163,7 +168,7 @@ class Scheduler:
             wants_prompt_logprobs = (seq.request.params.prompt_logprobs is not None
                                      and seq.request.prompt_logprobs is None)
             hit = None if wants_prompt_logprobs else self.kv.lookup(seq)
-            hit_blocks = len(hit.block_ids) if hit else 0
+            hit_blocks = hit.num_blocks if hit else 0
             if (hit is not None and hit_blocks < len(seq.block_hashes)
                     and seq.block_hashes[hit_blocks] in inflight and len(deferred) < self.config.max_num_seqs):
                 # Its next block is being computed by another prefill right now:
@@ -171,24 +176,32 @@ class Scheduler:
                 deferred.append(self.waiting.popleft())
                 continue
             hit_tokens = hit_blocks * self.kv.block_size
-            n = seq.num_tokens - hit_tokens
-            if n > budget and not self.config.enable_chunked_prefill:
+            swap_in = hit is not None and bool(hit.cpu_nodes)
+            # A sequence that must swap in computes nothing this step: its
+            # tokens get blocks once it runs.
+            n = 0 if swap_in else min(seq.num_tokens - hit_tokens, budget)
+            if n < seq.num_tokens - hit_tokens and not swap_in and not self.config.enable_chunked_prefill:
                 break
-            n = min(n, budget)
             if not self.kv.allocate(seq, n, hit):
                 break
             self.waiting.popleft()
             used += seats
-            seq.status = SeqStatus.RUNNING
-            bisect.insort(self.running, seq, key=_priority)
             if self.kv.enable_prefix_caching:
                 inflight.update(seq.block_hashes[hit_blocks:])
             if seq.num_cached_tokens < 0:  # first admission: this is the request's prefix hit
                 seq.num_cached_tokens = hit_tokens
+                seq.num_cpu_cached_tokens = len(hit.cpu_nodes) * self.kv.block_size if hit else 0
                 self.stats.prefix_queries_tokens += seq.num_tokens
                 self.stats.prefix_hits_tokens += hit_tokens
+                self.stats.prefix_cpu_hits_tokens += seq.num_cpu_cached_tokens
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()
+            if swap_in:
+                seq.status = SeqStatus.SWAPPING_IN
+                self.swapping[seq.seq_id] = seq
+                continue
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=_priority)
             out.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))
@@ -202,6 +215,10 @@ class Scheduler:
             self._schedule_waiting(budget, chosen)
         out = SchedulerOutput(step_id=self._step_id, finished_seq_ids=self._finished_ids,
                               block_copies=self._pending_copies)
+        if self.kv.cpu is not None:  # write back the next eviction candidates during this step
+            demotion = self.kv.cpu.plan_demotions()
+            if demotion is not None:
+                out.wait_transfers.append(demotion.task_id)
         self._finished_ids, self._pending_copies = [], []
         for seq, n in chosen:
             self._emit(seq, n, out)
@@ -265,6 +282,7 @@ class Scheduler:
             child.status = SeqStatus.WAITING
             self.waiting.appendleft(child)
         child.num_cached_tokens = parent.num_cached_tokens
+        child.num_cpu_cached_tokens = parent.num_cpu_cached_tokens
 
     def _check_token_stop(self, seq: Sequence, token_id: int) -> None:
         reason = check_stop_token(token_id, seq.request.params, self.eos_token_ids,
@@ -274,6 +292,25 @@ class Scheduler:
             self.finish_seq(seq, reason, stop_reason)
         elif seq.num_tokens >= self.max_model_len:
             self.finish_seq(seq, "length")
+
+    def take_transfers(self) -> list:
+        """Transfers started since the last call, for the cache queue."""
+        return self.kv.cpu.take_started() if self.kv.cpu is not None else []
+
+    def apply_transfer(self, task_id: int, ok: bool):
+        """A transfer finished on every rank. Returns (the Transfer, the sequence
+        whose swap-in failed -- already finished with "error" -- or None)."""
+        t = self.kv.cpu.complete(task_id, ok)
+        seq = t.seq
+        if seq is None or t.orphaned or seq.status != SeqStatus.SWAPPING_IN:
+            return t, None
+        if not ok:
+            self.finish_seq(seq, "error")
+            return t, seq
+        del self.swapping[seq.seq_id]
+        seq.status = SeqStatus.RUNNING
+        bisect.insort(self.running, seq, key=_priority)
+        return t, None
 
     def reset_worker_state(self) -> None:
         """Workers restarted: they hold no sampling state and owe no copies."""

@@ -48,6 +48,7 @@ class SchedulerOutput:
     new_samplers: list[NewSampler] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # drop their sampling state
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    wait_transfers: list[int] = field(default_factory=list)  # swap-outs to finish before replying
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +56,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.seqs and not self.block_copies
+        return not self.seqs and not self.block_copies and not self.wait_transfers
 
 
 @dataclass

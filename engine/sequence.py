@@ -13,6 +13,7 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"          # queued for (re)prefill
     FORK_PENDING = "fork_pending"  # n>1 child waiting for its parent's prefill
     RUNNING = "running"
+    SWAPPING_IN = "swapping_in"  # admitted; waits for its CPU-tier prefix to reach the device
     FINISHED = "finished"
 
 
@@ -37,6 +38,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_committed_blocks: int = 0  # blocks of block_ids already inserted in the radix tree
     num_cached_tokens: int = -1  # prefix hit at first scheduling; -1 = not scheduled yet
+    num_cpu_cached_tokens: int = 0  # the part of that hit swapped in from the CPU tier
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.cache_transfer import CacheTransferServer
 from engine.config import EngineConfig
 from engine.distributed import TPGroup
 from engine.model.hf_config import load_arch_config
@@ -42,6 +43,7 @@ class Worker:
                                     world_size=tp_size,
                                     timeout=timedelta(seconds=cfg.parallel.worker_timeout_s))
         tp = TPGroup(spec.rank, tp_size)
+        self.transfer: CacheTransferServer | None = None
         arch = load_arch_config(spec.model_dir)
         self.runner = ModelRunner(cfg, Path(spec.model_dir), arch, tp, device, spec.max_model_len,
                                   frozenset(spec.eos_token_ids))
@@ -49,12 +51,23 @@ class Worker:
     def num_blocks_fitting(self) -> int:
         return self.runner.num_blocks_fitting()
 
-    def init_cache(self, num_blocks: int) -> None:
+    @property
+    def block_bytes(self) -> int:
+        return self.runner.block_bytes
+
+    def init_cache(self, num_blocks: int, num_cpu_blocks: int = 0, cache_address: str = "") -> None:
+        """Allocate the device pool and, with a CPU tier, the host pool and its transfer thread."""
         self.runner.allocate_kv_cache(num_blocks)
+        if num_cpu_blocks:
+            host = self.runner.allocate_host_pool(num_cpu_blocks)
+            self.transfer = CacheTransferServer(self.spec.rank, cache_address, self.runner.kv_cache, host)
+            self.runner.transfer = self.transfer
 
     def execute(self, so: SchedulerOutput) -> StepResult:
         return self.runner.execute(so)
 
     def shutdown(self) -> None:
+        if self.transfer is not None:
+            self.transfer.stop()
         if dist.is_initialized():
             dist.destroy_process_group()

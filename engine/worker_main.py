@@ -45,12 +45,15 @@ class Hello:
 @dataclass(frozen=True)
 class Loaded:
     rank: int
-    num_blocks: int
+    num_blocks: int   # device blocks that fit on this rank
+    block_bytes: int  # bytes of one block on this rank (sizes the CPU tier)
 
 
 @dataclass(frozen=True)
 class InitCache:
     num_blocks: int
+    num_cpu_blocks: int = 0
+    cache_address: str = ""  # the engine's cache queue, when there is a CPU tier
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def run_worker(args: WorkerArgs) -> None:
     send("hello", Hello(rank, os.getpid()))
     try:
         worker = Worker(args.spec)
-        send("loaded", Loaded(rank, worker.num_blocks_fitting()))
+        send("loaded", Loaded(rank, worker.num_blocks_fitting(), worker.block_bytes))
         _serve(sock, worker, rank, send)
     except Exception as exc:  # report, then exit: the engine restarts the group
         send("failure", Failure(rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
@@ -127,7 +130,7 @@ def _serve(sock, worker: Worker, rank: int, send) -> None:
         if kind == "ping":
             send("ack", Ack(rank))
         elif kind == "init_cache":
-            worker.init_cache(body.num_blocks)
+            worker.init_cache(body.num_blocks, body.num_cpu_blocks, body.cache_address)
             send("ack", Ack(rank))
         elif kind == "step":
             start = time.perf_counter()

@@ -1,16 +1,19 @@
-"""Block tables of sequences over one KV pool, with the radix prefix cache.
+"""Block tables of sequences over the device KV pool, with the two-tier radix cache.
 
-The scheduler asks three things: which prefix of a new sequence is cached
-(``lookup``), whether the blocks for the next tokens can be had
-(``allocate``), and to give them back (``free``). After each step it calls
-``commit`` so newly completed blocks become shareable at once.
+The scheduler asks which prefix of a new sequence is cached (``lookup``),
+whether the blocks for the next tokens can be had (``allocate``), and gives
+them back (``free``). After each step ``commit`` makes newly completed blocks
+shareable at once. The CPU tier (engine/cache/tiering.py) hooks into device
+eviction: a cached block with a CPU copy loses only its device copy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.cache.block_pool import BlockPool
-from engine.cache.radix import RadixTree
+from engine.cache.events import CPU, EVICTED, GPU, STORED, EventLog
+from engine.cache.radix import RadixNode, RadixTree
+from engine.cache.tiering import CpuTier
 from engine.sequence import Sequence
 
 
@@ -18,24 +21,36 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PrefixHit:
-    block_ids: list[int]
+    """A cached prefix: device-tier nodes, then CPU-tier nodes to swap in."""
+
+    gpu_nodes: list[RadixNode] = field(default_factory=list)
+    cpu_nodes: list[RadixNode] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.gpu_nodes) + len(self.cpu_nodes)
 
     def num_tokens(self, block_size: int) -> int:
-        return len(self.block_ids) * block_size
+        return self.num_blocks * block_size
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 num_cpu_blocks: int = 0, events: EventLog | None = None, demote_window: int = 0):
+        if num_cpu_blocks and not enable_prefix_caching:
+            raise ValueError("the CPU tier (swap_space > 0) holds prefix-cache blocks; "
+                             "it needs enable_prefix_caching=True")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.events = events or EventLog("local")
         self.tree = RadixTree()
-        self.pool = BlockPool(num_blocks, is_cached=self.tree.holds_block,
-                              on_evict=self._evict)
+        self.pool = BlockPool(num_blocks, is_cached=self.tree.holds_block, on_evict=self._evict_gpu)
+        self.cpu = CpuTier(self, num_cpu_blocks, demote_window) if num_cpu_blocks else None
         self.num_evicted_blocks = 0
 
-    # -- queries ---------------------------------------------------------
+    # -- queries -------------------------------------------------------------------
 
     @property
     def num_blocks(self) -> int:
@@ -43,49 +58,58 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks referenced by live sequences (evictable cache counts as free)."""
+        """Fraction of device blocks referenced by live sequences (evictable cache counts as free)."""
         return self.pool.num_used / self.pool.num_blocks
 
     def lookup(self, seq: Sequence) -> PrefixHit:
-        """Longest cached prefix of the sequence's full blocks.
+        """Longest cached prefix of the sequence's full blocks, device tier first.
 
         Capped one token short of the sequence so its last token is always
         recomputed: that token's logits are what the next sample needs.
         """
         if not self.enable_prefix_caching:
-            return PrefixHit([])
+            return PrefixHit()
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        return PrefixHit(self.tree.match(seq.block_hashes[:max_blocks]))
+        nodes = self.tree.match(seq.block_hashes[:max_blocks])
+        split = next((i for i, n in enumerate(nodes) if not n.gpu_ready), len(nodes))
+        return PrefixHit(nodes[:split], nodes[split:])
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, hit: PrefixHit | None = None) -> int:
-        """Free-queue blocks an allocation would consume (new ones + revived evictable hits)."""
-        held = len(seq.block_ids) + (len(hit.block_ids) if hit else 0)
-        computed = seq.num_computed_tokens + (hit.num_tokens(self.block_size) if hit else 0)
+        """Free-queue blocks an allocation would take (new ones + revived evictable hits)."""
+        hit = hit or PrefixHit()
+        held = len(seq.block_ids) + hit.num_blocks
+        computed = seq.num_computed_tokens + hit.num_tokens(self.block_size)
         new = max(0, cdiv(computed + num_new_tokens, self.block_size) - held)
-        revived = sum(1 for b in hit.block_ids if self.pool.ref_cnt[b] == 0) if hit else 0
-        return new + revived
+        revived = sum(1 for n in hit.gpu_nodes if self.pool.ref_cnt[n.gpu] == 0)
+        return new + len(hit.cpu_nodes) + revived
 
-    # -- mutations -------------------------------------------------------
+    # -- mutations -----------------------------------------------------------------
 
     def allocate(self, seq: Sequence, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Grow the block table to hold ``num_new_tokens`` more tokens.
 
-        With a ``hit`` (only for a sequence holding no blocks yet) the cached
-        blocks are shared first and count as computed. Returns False, changing
-        nothing, when the pool cannot supply the blocks.
+        A ``hit`` (only for a sequence holding no blocks yet) is shared first
+        and counts as computed; its CPU-tier part gets fresh device blocks and
+        a swap-in that must complete before the sequence runs (see
+        ``is_swapping_in``). Returns False, changing nothing, when blocks are short.
         """
         if self.blocks_needed(seq, num_new_tokens, hit) > self.pool.num_free:
             return False
-        if hit is not None and hit.block_ids:
+        if hit is not None and hit.num_blocks:
             assert not seq.block_ids, "prefix hits apply only to a sequence with no blocks"
-            for block_id in hit.block_ids:  # revive before allocating, or they could be evicted
-                self.pool.touch(block_id)
-            seq.block_ids = list(hit.block_ids)
+            for node in hit.gpu_nodes:  # revive before allocating, or they could be evicted
+                self.pool.touch(node.gpu)
+            seq.block_ids = [n.gpu for n in hit.gpu_nodes]
+            if hit.cpu_nodes:
+                self.cpu.start_promotion(seq, hit.cpu_nodes)
             seq.num_computed_tokens = hit.num_tokens(self.block_size)
-            seq.num_committed_blocks = len(hit.block_ids)
+            seq.num_committed_blocks = hit.num_blocks
         total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
         seq.block_ids.extend(self.pool.allocate_many(total - len(seq.block_ids)))
         return True
+
+    def is_swapping_in(self, seq: Sequence) -> bool:
+        return self.cpu is not None and self.cpu.is_promoting(seq)
 
     def commit(self, seq: Sequence) -> None:
         """Insert the sequence's newly computed full blocks into the radix tree."""
@@ -95,19 +119,27 @@ class KVCacheManager:
         for i in range(seq.num_committed_blocks, num_full):
             parent = seq.block_hashes[i - 1] if i else None
             own = seq.block_ids[i]
-            node = self.tree.insert(parent, seq.block_hashes[i], own)
-            if node.block_id != own:
+            existing = self.tree.get(seq.block_hashes[i])
+            if existing is not None and existing.gpu_pending:
+                break  # its copy is still being swapped in: commit on a later step
+            fresh = existing is None or existing.gpu is None
+            node = self.tree.insert(parent, seq.root_hash, seq.block_hashes[i], own)
+            if fresh:
+                self.events.record(True, GPU, node.block_hash, parent, node.root, STORED)
+            elif node.gpu != own:
                 # Another sequence cached the same block first: adopt its copy
                 # (same tokens, same KV) so every committed block of a sequence
                 # is a tree node and a referenced node's ancestors stay
-                # referenced -- which is what keeps eviction leaf-only.
-                self.pool.touch(node.block_id)
+                # referenced -- which is what keeps eviction from the bottom.
+                self.pool.touch(node.gpu)
                 self.pool.free([own])
-                seq.block_ids[i] = node.block_id
-        seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
+                seq.block_ids[i] = node.gpu
+            seq.num_committed_blocks = i + 1
 
     def free(self, seq: Sequence) -> None:
         """Release every block of the sequence (cached ones stay evictable)."""
+        if self.cpu is not None and self.cpu.defer_free(seq):
+            return  # a swap-in still writes its blocks: released when it completes
         self.pool.free(reversed(seq.block_ids))
         seq.block_ids = []
         seq.num_committed_blocks = 0
@@ -139,13 +171,53 @@ class KVCacheManager:
         return copies
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every evictable cached block; False if any is still in use."""
-        if any(self.pool.ref_cnt[n.block_id] for n in self.tree.nodes()):
+        """Forget every cached block; False (nothing done) if any is in use."""
+        if any(n.gpu is not None and self.pool.ref_cnt[n.gpu] for n in self.tree.nodes()):
+            return False
+        if self.cpu is not None and self.cpu.inflight:
             return False
         for node in self.tree.clear():
-            self.pool.free_queue.remove(node.block_id)
-            self.pool.free_queue.appendleft(node.block_id)
+            for tier, block in ((GPU, node.gpu), (CPU, node.cpu)):
+                if block is not None:
+                    self.events.record(False, tier, node.block_hash, _parent_hash(node), node.root, "cleared")
+            if node.gpu is not None:
+                self.pool.free_queue.remove(node.gpu)
+                self.pool.free_queue.appendleft(node.gpu)
         return True
+
+    def clear_all(self) -> None:
+        """The workers lost their pools (restart): forget every block, both tiers."""
+        for node in self.tree.nodes():
+            for tier, ready in ((GPU, node.gpu_ready), (CPU, node.cpu_ready)):
+                if ready:
+                    self.events.record(False, tier, node.block_hash, _parent_hash(node), node.root, "cleared")
+        self.tree.clear()
+        self.pool = BlockPool(self.pool.num_blocks, is_cached=self.tree.holds_block, on_evict=self._evict_gpu)
+        if self.cpu is not None:
+            self.cpu = CpuTier(self, self.cpu.pool.num_blocks, self.cpu.window)
+
+    # -- eviction (called by the pools when a cached block is reused) ---------------------
+
+    def _evict_gpu(self, block_id: int) -> None:
+        node = self.tree.node_of_block(block_id)
+        assert not node.cpu_pending, "evicting a device block whose CPU copy is being written"
+        self.num_evicted_blocks += 1
+        if node.cpu_ready:  # the CPU copy survives: only the device copy goes
+            self.tree.set_gpu(node, None)
+            self.events.record(False, GPU, node.block_hash, _parent_hash(node), node.root, EVICTED)
+            return
+        self.drop_subtree(node)
+
+    def drop_subtree(self, node: RadixNode) -> None:
+        """Remove a node that lost its last copy, with every block under it
+        (a chain without its prefix can never be hit). Nothing below may be
+        in use: device copies are upward-closed, so below a node without a
+        usable device copy there are only CPU-tier nodes."""
+        for n in self.tree.remove_subtree(node):
+            assert n is node or n.gpu is None, "dropping a block that has a device copy"
+            for tier, block in ((GPU, n.gpu), (CPU, n.cpu)):
+                if block is not None:
+                    self.events.record(False, tier, n.block_hash, _parent_hash(n), n.root, EVICTED)
 
     def check_invariants(self, live: list[Sequence]) -> None:
         """Assert the bookkeeping is consistent with the live sequences (tests, debugging)."""
@@ -156,25 +228,33 @@ class KVCacheManager:
                 refs[b] += 1
             for i in range(seq.num_committed_blocks):  # committed blocks are the tree's copies
                 node = self.tree.get(seq.block_hashes[i])
-                assert node is not None and node.block_id == seq.block_ids[i], \
+                assert node is not None and node.gpu == seq.block_ids[i], \
                     f"seq {seq.seq_id} block {i} is committed but not the tree's copy"
+        if self.cpu is not None:
+            self.cpu.add_deferred_refs(refs)
         assert refs == self.pool.ref_cnt, "ref counts differ from the blocks sequences hold"
         free = list(self.pool.free_queue)
         assert len(free) == len(set(free)) == len(self.pool.free_queue), "free queue corrupt"
         assert set(free) == {b for b in range(self.pool.num_blocks) if refs[b] == 0}, \
             "free queue must hold exactly the unreferenced blocks"
         for node in self.tree.nodes():
+            assert node.gpu is not None or node.cpu is not None, "node without any copy"
             if node.parent is not None:
                 assert self.tree.get(node.parent.block_hash) is node.parent, "orphaned tree node"
-            if self.pool.ref_cnt[node.block_id]:
+                if node.gpu is not None:
+                    assert node.parent.gpu is not None, "device copies are not upward-closed"
+            if node.gpu is not None and self.pool.ref_cnt[node.gpu]:
                 p = node.parent
                 while p is not None:  # a used node's whole prefix is in use too
-                    assert self.pool.ref_cnt[p.block_id], "referenced node under an unreferenced parent"
+                    assert self.pool.ref_cnt[p.gpu], "referenced node under an unreferenced parent"
                     p = p.parent
         head_cached = next((b for b in free if self.tree.holds_block(b)), None)
         if head_cached is not None:
-            assert self.tree.node_of_block(head_cached).is_leaf, "next cached block to evict is not a leaf"
+            assert not self.tree.node_of_block(head_cached).has_gpu_children(), \
+                "next cached block to evict still has device-resident children"
+        if self.cpu is not None:
+            self.cpu.check_invariants()
 
-    def _evict(self, block_id: int) -> None:
-        self.tree.remove_block(block_id)
-        self.num_evicted_blocks += 1
+
+def _parent_hash(node: RadixNode) -> int | None:
+    return node.parent.block_hash if node.parent is not None else None

@@ -1,9 +1,14 @@
-"""Radix prefix tree over full KV blocks.
+"""Radix prefix tree over full KV blocks, in two tiers (device pool, CPU pool).
 
 Each node is one full block, keyed by its chained hash (see hashing.py), so a
-node's hash already pins its whole prefix and namespace. Nodes are found by
-hash in O(1); the tree shape (parent/children) is what guarantees that only
-leaves are ever evicted, so a cached chain never has a hole in the middle.
+node's hash already pins its whole prefix and namespace. A node holds a copy
+in the device tier (``gpu``), the CPU tier (``cpu``) or both. Invariants the
+KV manager keeps and the property tests check:
+
+* device copies are upward-closed: a node with a device copy has a parent
+  with one, so a prefix hit is always device blocks followed by CPU blocks;
+* nodes leave the tree only as whole subtrees whose nodes have no device copy
+  in use, so a cached chain never has a hole in the middle.
 """
 from __future__ import annotations
 
@@ -14,21 +19,43 @@ from dataclasses import dataclass, field
 @dataclass(eq=False)
 class RadixNode:
     block_hash: int
-    block_id: int
     parent: RadixNode | None
+    root: int  # hash the chain starts from: the namespace
+    gpu: int | None = None  # device-pool block id
+    cpu: int | None = None  # CPU-pool block id
+    gpu_pending: bool = False  # device copy being written (a swap-in in flight)
+    cpu_pending: bool = False  # CPU copy being written (a demotion in flight)
     children: dict[int, RadixNode] = field(default_factory=dict)
 
     @property
     def is_leaf(self) -> bool:
         return not self.children
 
+    @property
+    def gpu_ready(self) -> bool:
+        return self.gpu is not None and not self.gpu_pending
+
+    @property
+    def cpu_ready(self) -> bool:
+        return self.cpu is not None and not self.cpu_pending
+
+    def has_gpu_children(self) -> bool:
+        return any(c.gpu is not None for c in self.children.values())
+
+    def subtree(self) -> Iterator[RadixNode]:
+        """This node and its descendants, children before parents."""
+        for child in list(self.children.values()):
+            yield from child.subtree()
+        yield self
+
 
 class RadixTree:
-    """Hash -> node index with parent links; knows nothing of ref counts."""
+    """Hash -> node index with parent links and per-tier block indexes."""
 
     def __init__(self) -> None:
         self._by_hash: dict[int, RadixNode] = {}
-        self._by_block: dict[int, RadixNode] = {}
+        self._by_gpu: dict[int, RadixNode] = {}
+        self._by_cpu: dict[int, RadixNode] = {}
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -36,55 +63,97 @@ class RadixTree:
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self._by_hash
 
-    def holds_block(self, block_id: int) -> bool:
-        return block_id in self._by_block
-
-    def node_of_block(self, block_id: int) -> RadixNode:
-        return self._by_block[block_id]
-
     def get(self, block_hash: int) -> RadixNode | None:
         return self._by_hash.get(block_hash)
 
-    def match(self, block_hashes: Sequence[int]) -> list[int]:
-        """Block ids of the longest cached prefix of a chain of hashes."""
+    def holds_block(self, block_id: int) -> bool:
+        return block_id in self._by_gpu
+
+    def holds_cpu_block(self, block_id: int) -> bool:
+        return block_id in self._by_cpu
+
+    def node_of_block(self, block_id: int) -> RadixNode:
+        return self._by_gpu[block_id]
+
+    def node_of_cpu_block(self, block_id: int) -> RadixNode:
+        return self._by_cpu[block_id]
+
+    @property
+    def num_gpu(self) -> int:
+        return len(self._by_gpu)
+
+    @property
+    def num_cpu(self) -> int:
+        return len(self._by_cpu)
+
+    def match(self, block_hashes: Sequence[int]) -> list[RadixNode]:
+        """Nodes of the longest cached prefix whose copies are ready (either tier).
+
+        A node being swapped in ends the match: the caller treats it as in
+        flight rather than start a second swap-in of the same block.
+        """
         hit = []
         for h in block_hashes:
             node = self._by_hash.get(h)
-            if node is None:
+            if node is None or node.gpu_pending or not (node.gpu_ready or node.cpu_ready):
                 break
-            hit.append(node.block_id)
+            hit.append(node)
         return hit
 
-    def insert(self, parent_hash: int | None, block_hash: int, block_id: int) -> RadixNode:
-        """Add a block under its parent (None for a chain's first block).
+    def insert(self, parent_hash: int | None, root: int, block_hash: int, gpu_block: int) -> RadixNode:
+        """Cache a freshly computed device block under its parent (None: first block).
 
-        If the hash is already cached (another sequence computed the same
-        block), the existing node wins and is returned; the caller keeps its
-        own copy as a private block.
+        An existing node wins: if it already has a device copy (or one in
+        flight) it is returned unchanged; a CPU-only node gains this block as
+        its device copy.
         """
         node = self._by_hash.get(block_hash)
         if node is not None:
+            if node.gpu is None:
+                self.set_gpu(node, gpu_block)
             return node
-        assert block_id not in self._by_block, f"block {block_id} already in the tree"
+        assert gpu_block not in self._by_gpu, f"block {gpu_block} already in the tree"
         parent = None
         if parent_hash is not None:
             parent = self._by_hash.get(parent_hash)
             assert parent is not None, "parent block must be cached before its child"
-        node = RadixNode(block_hash, block_id, parent)
+            assert parent.gpu is not None, "device copies must stay upward-closed"
+        node = RadixNode(block_hash, parent, root)
         if parent is not None:
             parent.children[block_hash] = node
         self._by_hash[block_hash] = node
-        self._by_block[block_id] = node
+        self.set_gpu(node, gpu_block)
         return node
 
-    def remove_block(self, block_id: int) -> RadixNode:
-        """Drop a leaf (eviction); removing an inner node would orphan its children."""
-        node = self._by_block.pop(block_id)
-        assert node.is_leaf, f"evicting block {block_id}, which still has cached children"
-        del self._by_hash[node.block_hash]
+    def set_gpu(self, node: RadixNode, block_id: int | None, pending: bool = False) -> None:
+        if node.gpu is not None:
+            del self._by_gpu[node.gpu]
+        node.gpu, node.gpu_pending = block_id, pending and block_id is not None
+        if block_id is not None:
+            assert block_id not in self._by_gpu, f"device block {block_id} in two nodes"
+            self._by_gpu[block_id] = node
+
+    def set_cpu(self, node: RadixNode, block_id: int | None, pending: bool = False) -> None:
+        if node.cpu is not None:
+            del self._by_cpu[node.cpu]
+        node.cpu, node.cpu_pending = block_id, pending and block_id is not None
+        if block_id is not None:
+            assert block_id not in self._by_cpu, f"CPU block {block_id} in two nodes"
+            self._by_cpu[block_id] = node
+
+    def remove_subtree(self, node: RadixNode) -> list[RadixNode]:
+        """Drop a node and everything under it; returns the dropped nodes
+        (children first) so the caller can release their blocks."""
+        dropped = list(node.subtree())
+        for n in dropped:
+            del self._by_hash[n.block_hash]
+            if n.gpu is not None:
+                del self._by_gpu[n.gpu]
+            if n.cpu is not None:
+                del self._by_cpu[n.cpu]
         if node.parent is not None:
             del node.parent.children[node.block_hash]
-        return node
+        return dropped
 
     def nodes(self) -> Iterator[RadixNode]:
         return iter(self._by_hash.values())
@@ -92,5 +161,6 @@ class RadixTree:
     def clear(self) -> list[RadixNode]:
         dropped = list(self._by_hash.values())
         self._by_hash.clear()
-        self._by_block.clear()
+        self._by_gpu.clear()
+        self._by_cpu.clear()
         return dropped
