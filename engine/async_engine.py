@@ -51,8 +51,8 @@ class _Call:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig):
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, launcher=None, engine_id: str | None = None):
+        self.engine = LLMEngine(config, launcher=launcher, engine_id=engine_id)
         self.tokenizer = self.engine.tokenizer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -65,8 +65,9 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_kwargs(cls, model: str = "tiny-llama", **kwargs: Any) -> AsyncLLMEngine:
-        return cls(engine_config(model, **kwargs))
+    def from_kwargs(cls, model: str = "tiny-llama", launcher=None, engine_id: str | None = None,
+                    **kwargs: Any) -> AsyncLLMEngine:
+        return cls(engine_config(model, **kwargs), launcher=launcher, engine_id=engine_id)
 
     # -- public API ---------------------------------------------------------------
 

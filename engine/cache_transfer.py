@@ -124,6 +124,11 @@ class CacheTransferClient:
             pending -= {d.task_id for d in new}
         return done
 
+    def wait_any(self, timeout_s: float) -> None:
+        """Block until some message arrives (or the timeout): the engine idles
+        here while swap-ins run, instead of spinning."""
+        self._recv(int(timeout_s * 1000))
+
     def _collect(self) -> list[TransferDone]:
         done = []
         for task_id, acks in list(self._acks.items()):

@@ -200,11 +200,13 @@ class LLMEngine:
             if wait_s:
                 time.sleep(wait_s)  # idle without a CPU tier: nothing will arrive
             return []
-        timeout = self.config.parallel.worker_timeout_s if wait_for else wait_s
-        done = self.transfers.poll(set(wait_for), timeout)
-        if not done and wait_s and self.kv.cpu.inflight:
-            done = self.transfers.poll(timeout_s=0) or []
-            time.sleep(wait_s)
+        done = self.transfers.poll(set(wait_for), self.config.parallel.worker_timeout_s)
+        if not done and wait_s:
+            if self.kv.cpu.inflight:
+                self.transfers.wait_any(0.05)  # returns as soon as an ack arrives
+                done = self.transfers.poll()
+            else:
+                time.sleep(wait_s)
         outs = []
         for d in done:
             t, seq = self.scheduler.apply_transfer(d.task_id, d.ok)

@@ -77,7 +77,11 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise WireError(f"{where}: expected a map, got {type(value).__name__}")
-        return value
+        args = typing.get_args(tp)
+        if not args:
+            return value
+        return {_check(k, args[0], f"{where} key"): _check(v, args[1], f"{where}[{k!r}]")
+                for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise WireError(f"{where}: expected a number, got {type(value).__name__}")

@@ -1,0 +1,268 @@
+"""RadixCacheMetadata: the cluster's synchronized view of which replica caches which block.
+
+One named Ray actor. Replicas register with a fingerprint of what their block
+hashes depend on, then push their engine's block events in batches; the actor
+applies each replica's batches in sequence order and answers ``need_snapshot``
+on a gap (or after the replica restarted), after which the replica sends a
+full snapshot. Routers pull *deltas*: every change gets a global version, and
+``pull(since)`` returns the changes after ``since`` (or the full state when
+the caller is too far behind). A replica that stops pushing is dropped.
+
+``CacheDirectory`` holds all of that logic without Ray, so it is unit-tested
+directly; the actor is a thin shell around it.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.cache.events import BlockIndex, EventBatch, Snapshot
+
+ACTOR_NAME = "RadixCacheMetadata"
+ACTOR_NAMESPACE = "radixserve"
+GPU, CPU = "gpu", "cpu"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the delta log: replica's tiers for a block (empty = gone);
+    ``block_hash=None`` means the whole replica was dropped."""
+
+    version: int
+    replica: str
+    block_hash: int | None
+    tiers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Delta:
+    version: int
+    changes: list[Change] = field(default_factory=list)
+    full: dict[str, dict[int, tuple[str, ...]]] | None = None  # set when the caller must reset
+
+
+@dataclass
+class _Replica:
+    fingerprint: str
+    index: BlockIndex = field(default_factory=BlockIndex)
+    synced: bool = False  # has a baseline (first batch from seq 0, or a snapshot)
+    last_seen: float = field(default_factory=time.monotonic)
+    metrics_text: str = ""
+
+
+class FingerprintMismatch(ValueError):
+    """A replica hashes blocks differently from the rest of the cluster."""
+
+
+class CacheDirectory:
+    def __init__(self, max_log: int = 200_000, stale_after_s: float = 30.0):
+        self.replicas: dict[str, _Replica] = {}
+        self.fingerprint: str | None = None
+        self.version = 0
+        self.log: deque[Change] = deque()
+        self.max_log = max_log
+        self.stale_after_s = stale_after_s
+        self.router_metrics: dict[str, str] = {}
+
+    # -- replicas --------------------------------------------------------------------
+
+    def register(self, replica: str, fingerprint: str) -> None:
+        if self.fingerprint is None or not self.replicas:
+            self.fingerprint = fingerprint
+        elif fingerprint != self.fingerprint:
+            raise FingerprintMismatch(
+                f"replica {replica} hashes blocks as {fingerprint!r} but the cluster uses "
+                f"{self.fingerprint!r} (model, block size or hash scheme differ); refusing it")
+        if replica in self.replicas:
+            self.drop(replica)  # a restart: forget what the old incarnation held
+        self.replicas[replica] = _Replica(fingerprint)
+
+    def drop(self, replica: str) -> None:
+        if self.replicas.pop(replica, None) is not None:
+            self._append(replica, None, ())
+
+    def drop_stale(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        stale = [r for r, st in self.replicas.items() if now - st.last_seen > self.stale_after_s]
+        for r in stale:
+            self.drop(r)
+        return stale
+
+    # -- events in --------------------------------------------------------------------
+
+    def push(self, replica: str, batch: EventBatch, metrics_text: str = "") -> bool:
+        """Apply a batch; False means "send a snapshot" (gap, or unknown replica)."""
+        st = self.replicas.get(replica)
+        if st is None:
+            return False
+        st.last_seen = time.monotonic()
+        if metrics_text:
+            st.metrics_text = metrics_text
+        if not batch.events:
+            return st.synced
+        if not st.synced:
+            if batch.first_seq != 0:
+                return False
+            st.synced = True
+        before = {e.block_hash: frozenset(st.index.tiers.get(e.block_hash, ())) for e in batch.events}
+        if not st.index.apply(batch):
+            return False
+        for h, old in before.items():
+            new = frozenset(st.index.tiers.get(h, ()))
+            if new != old:
+                self._append(replica, h, tuple(sorted(new)))
+        return True
+
+    def push_snapshot(self, replica: str, snap: Snapshot) -> None:
+        st = self.replicas.get(replica)
+        if st is None:
+            return
+        old = st.index.tiers
+        st.index = BlockIndex()
+        st.index.load(snap)
+        st.synced = True
+        st.last_seen = time.monotonic()
+        for h in set(old) | set(st.index.tiers):
+            new = st.index.tiers.get(h, set())
+            if set(old.get(h, ())) != new:
+                self._append(replica, h, tuple(sorted(new)))
+
+    # -- deltas out -------------------------------------------------------------------------
+
+    def _append(self, replica: str, block_hash: int | None, tiers: tuple[str, ...]) -> None:
+        self.version += 1
+        self.log.append(Change(self.version, replica, block_hash, tiers))
+        while len(self.log) > self.max_log:
+            self.log.popleft()
+
+    def pull(self, since: int) -> Delta:
+        oldest = self.log[0].version if self.log else self.version + 1
+        if since >= self.version:
+            return Delta(self.version)
+        if since + 1 < oldest:  # the caller missed changes we no longer keep: full state
+            full = {r: {h: tuple(sorted(t)) for h, t in st.index.tiers.items()}
+                    for r, st in self.replicas.items()}
+            return Delta(self.version, full=full)
+        return Delta(self.version, [c for c in self.log if c.version > since])
+
+    def replica_ids(self) -> list[str]:
+        return sorted(self.replicas)
+
+    def metrics_texts(self) -> dict[str, str]:
+        return {r: st.metrics_text for r, st in self.replicas.items()}
+
+
+class LocalIndex:
+    """A router's copy of the directory, kept current by applying deltas."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.blocks: dict[str, dict[int, tuple[str, ...]]] = {}
+
+    def apply(self, delta: Delta) -> None:
+        if delta.full is not None:
+            self.blocks = {r: dict(b) for r, b in delta.full.items()}
+        for c in delta.changes:
+            if c.block_hash is None:
+                self.blocks.pop(c.replica, None)
+            elif c.tiers:
+                self.blocks.setdefault(c.replica, {})[c.block_hash] = c.tiers
+            else:
+                self.blocks.get(c.replica, {}).pop(c.block_hash, None)
+        self.version = delta.version
+
+    def hit(self, replica: str, block_hashes: list[int]) -> tuple[int, int]:
+        """(device blocks, CPU-only blocks) of the longest cached prefix on a replica."""
+        held = self.blocks.get(replica)
+        if not held:
+            return 0, 0
+        gpu = cpu = 0
+        for h in block_hashes:
+            tiers = held.get(h)
+            if not tiers:
+                break
+            if GPU in tiers and not cpu:
+                gpu += 1
+            else:
+                cpu += 1
+        return gpu, cpu
+
+
+@functools.lru_cache(maxsize=1)
+def make_actor_class():
+    """The Ray actor wrapping CacheDirectory (built lazily: ray is imported here only)."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class RadixCacheMetadata:
+        def __init__(self, stale_after_s: float = 30.0):
+            self.dir = CacheDirectory(stale_after_s=stale_after_s)
+
+        def register(self, replica: str, fingerprint: str) -> None:
+            self.dir.register(replica, fingerprint)
+
+        def push(self, replica: str, batch: bytes, metrics_text: str = "") -> bool:
+            return self.dir.push(replica, decode_batch(batch), metrics_text)
+
+        def push_snapshot(self, replica: str, snap: bytes) -> None:
+            self.dir.push_snapshot(replica, decode_snapshot(snap))
+
+        def drop(self, replica: str) -> None:
+            self.dir.drop(replica)
+
+        def pull(self, since: int) -> bytes:
+            self.dir.drop_stale()
+            return encode_delta(self.dir.pull(since))
+
+        def report_router(self, router_id: str, metrics_text: str) -> None:
+            self.dir.router_metrics[router_id] = metrics_text
+
+        def metrics(self) -> tuple[dict[str, str], dict[str, str]]:
+            return self.dir.metrics_texts(), dict(self.dir.router_metrics)
+
+        def replica_ids(self) -> list[str]:
+            return self.dir.replica_ids()
+
+    return RadixCacheMetadata
+
+
+def get_metadata_actor(stale_after_s: float = 30.0):
+    """The one named metadata actor, created on first use by whoever gets there first."""
+    import ray
+    cls = make_actor_class()
+    return cls.options(name=ACTOR_NAME, namespace=ACTOR_NAMESPACE, get_if_exists=True,
+                       lifetime="detached").remote(stale_after_s)
+
+
+# -- msgpack payloads (everything between actors travels as msgpack bytes) -------------------
+
+def encode_batch(batch: EventBatch) -> bytes:
+    from engine import wire
+    return wire.encode("events", batch)
+
+
+def decode_batch(data: bytes) -> EventBatch:
+    from engine import wire
+    return wire.decode(data, {"events": EventBatch})[1]
+
+
+def encode_snapshot(snap: Snapshot) -> bytes:
+    from engine import wire
+    return wire.encode("snapshot", snap)
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    from engine import wire
+    return wire.decode(data, {"snapshot": Snapshot})[1]
+
+
+def encode_delta(delta: Delta) -> bytes:
+    from engine import wire
+    return wire.encode("delta", delta)
+
+
+def decode_delta(data: bytes) -> Delta:
+    from engine import wire
+    return wire.decode(data, {"delta": Delta})[1]

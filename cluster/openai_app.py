@@ -1,0 +1,365 @@
+"""The OpenAI-compatible FastAPI application, independent of Ray.
+
+``build_app(backend, config)`` returns the app that single-process serving
+runs under uvicorn and that the Ray Serve ingress serves. All state lives on
+``app.state`` (``config``, ``backend``). Under Ray Serve, build the app in the
+replica, after the backend exists: ``@serve.ingress()`` on a class whose
+``__serve_build_asgi_app__(self)`` returns ``build_app(self.backend, config)``.
+(``@serve.ingress(app)`` serves a pickled copy of ``app``, which a later
+``attach_backend(app, ...)`` on the original would never reach.)
+"""
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jinja2
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.backend import Backend, request_namespace
+from cluster.openai_render import ChatStreamer, CompletionStreamer, TokenText, chat_response, completion_response
+from cluster.openai_serving import (APIError, ClientDisconnected, Job, SSEResponse, open_streams,
+                                    run_to_end, sse_events, unavailable, until_disconnect)
+from cluster.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                              DetokenizeResponse, ModelCard, ModelList, RequestError, TokenizeRequest,
+                              TokenizeResponse, chat_messages, chat_sampling_params, check_supported,
+                              completion_prompts, completion_sampling_params, resolve_max_tokens)
+from engine.outputs import RequestOutput
+from engine.tokenizer import Tokenizer
+
+__all__ = ["ServerConfig", "attach_backend", "build_app", "request_namespace"]
+
+REPLICA_HEADER = "x-radixserve-replica"
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the HTTP layer behaves; validated at construction.
+
+    served_model_name: the name clients use for the base model (None: the backend's model_name).
+    api_keys: None for an open server, else API key -> tenant name; each tenant's
+        requests hash their prompts in their own cache namespace.
+    max_model_len: cap on prompt + completion tokens (None: the backend's; never above it).
+    return_replica_header: send x-radixserve-replica with the replica that served the request.
+    return_request_id_header: send x-request-id (the response id); Ray Serve's proxy adds
+        its own x-request-id to every response, so behind Serve this may be turned off.
+    disconnect_poll_s: how often a non-streaming request checks whether its client left.
+    """
+
+    served_model_name: str | None = None
+    api_keys: Mapping[str, str] | None = None
+    max_model_len: int | None = None
+    return_replica_header: bool = True
+    return_request_id_header: bool = True
+    disconnect_poll_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
+                                                       and self.served_model_name.strip()):
+            raise ValueError(f"served_model_name must be a non-empty string, got {self.served_model_name!r}")
+        if self.api_keys is not None:
+            self._check_api_keys(self.api_keys)
+            # A private copy, so the caller's dict can change without changing us; a
+            # plain dict (not a MappingProxyType) so the config pickles into Ray Serve.
+            object.__setattr__(self, "api_keys", dict(self.api_keys))
+        if self.max_model_len is not None and not (type(self.max_model_len) is int and self.max_model_len >= 2):
+            raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
+        if not (isinstance(self.disconnect_poll_s, (int, float)) and 0 < self.disconnect_poll_s <= 10):
+            raise ValueError(f"disconnect_poll_s must be in (0, 10], got {self.disconnect_poll_s!r}")
+
+    @staticmethod
+    def _check_api_keys(keys: Mapping[str, str]) -> None:
+        if not isinstance(keys, Mapping) or not keys:
+            raise ValueError("api_keys must be a non-empty mapping of API key -> tenant (None for an open server)")
+        for key, tenant in keys.items():
+            if not isinstance(key, str) or not key or key != key.strip() or " " in key:
+                raise ValueError("every API key must be a non-empty string without spaces")
+            if not isinstance(tenant, str) or not tenant.strip():
+                raise ValueError(f"the tenant of an API key must be a non-empty string, got {tenant!r}")
+
+
+def build_app(backend: Backend | None, config: ServerConfig) -> FastAPI:
+    """The app; with backend None, generation and /health answer 503 until attach_backend."""
+    app = FastAPI(title="radixserve", docs_url=None, redoc_url=None)
+    app.state.config = config
+    app.state.backend = None
+    if backend is not None:
+        attach_backend(app, backend)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
+    _add_routes(app)
+    return app
+
+
+def attach_backend(app: FastAPI, backend: Backend) -> None:
+    config: ServerConfig = app.state.config
+    if config.max_model_len is not None and config.max_model_len > backend.max_model_len:
+        raise ValueError(f"ServerConfig.max_model_len ({config.max_model_len}) exceeds the backend's "
+                         f"max_model_len ({backend.max_model_len})")
+    app.state.backend = backend
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body().model_dump(mode="json"), status_code=exc.status)
+
+
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return _error_response(exc)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400, with the first problem spelled out."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return _error_response(APIError(400, f"invalid JSON body: {first.get('msg', '')}"))
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = ".".join(loc) or "body"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return _error_response(APIError(400, f"{where}: {first.get('msg', 'invalid value')}{more}",
+                                    param=loc[0] if loc else None))
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return _error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return _error_response(APIError(400, str(exc), param=exc.param, code=exc.code))
+
+
+async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
+    return Response(status_code=_CLIENT_CLOSED)
+
+
+# -- per-request helpers ------------------------------------------------------------------------
+
+def _config(request: Request) -> ServerConfig:
+    return request.app.state.config
+
+
+def _backend(request: Request) -> Backend:
+    backend = request.app.state.backend
+    if backend is None:
+        raise unavailable("the server is starting: no backend yet")
+    return backend
+
+
+async def tenant_of(request: Request) -> str | None:
+    """The tenant of the request's API key; None on an open server."""
+    keys = _config(request).api_keys
+    if keys is None:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+    token = token.strip()
+    # compare_digest over every key: the time taken does not depend on which key matched.
+    tenant = None
+    for key, name in keys.items():
+        if hmac.compare_digest(key.encode(), token.encode()):
+            tenant = name
+    if tenant is None:
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+    return tenant
+
+
+def _base_name(request: Request) -> str:
+    return _config(request).served_model_name or _backend(request).model_name
+
+
+def _resolve_model(request: Request, requested: str | None) -> tuple[str, str | None]:
+    """(name to report, LoRA adapter or None); an unknown name is a 404."""
+    backend, base = _backend(request), _base_name(request)
+    if requested is None or requested in (base, backend.model_name):
+        return base, None
+    if requested in backend.model_names():
+        return requested, requested
+    raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+
+
+def _max_model_len(request: Request) -> int:
+    return _config(request).max_model_len or _backend(request).max_model_len
+
+
+async def _require_healthy(backend: Backend) -> None:
+    if not await backend.health():
+        raise unavailable("the model backend is unhealthy")
+
+
+def _headers(request: Request, rid: str, replicas: list[str]) -> dict[str, str]:
+    config, headers = _config(request), {}
+    if config.return_request_id_header:
+        headers[REQUEST_ID_HEADER] = rid
+    if config.return_replica_header:
+        headers[REPLICA_HEADER] = ",".join(dict.fromkeys(replicas))  # unique, in prompt order
+    return headers
+
+
+def _encode_chat(tok: Tokenizer, messages: list[dict[str, str]],
+                 add_generation_prompt: bool) -> tuple[list[int], str]:
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, ValueError) as exc:
+        raise RequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
+    # The template wrote BOS itself, so the tokenizer must not add another.
+    return tok.encode(text, add_special_tokens=False), text
+
+
+def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
+                     namespace: tuple[str, ...]) -> list[Job]:
+    tok, limit = _backend(request).tokenizer, _max_model_len(request)
+    jobs = []
+    for i, prompt in enumerate(completion_prompts(body)):
+        ids, text = (tok.encode(prompt), prompt) if isinstance(prompt, str) else (prompt, None)
+        if not ids or text == "":  # "" may still encode to a lone BOS
+            raise RequestError("the prompt is empty", param="prompt")
+        _check_vocab(tok, ids)
+        max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), limit, "prompt")
+        jobs.append(Job(ids, text, completion_sampling_params(body, max_tokens), f"{rid}-{i}", namespace))
+    return jobs
+
+
+def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
+    # Checked here as well as in the engine, so a bad prompt never reaches the router or a replica.
+    bad = next((t for t in ids if not 0 <= t < tok.vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {tok.vocab_size})",
+                           param="prompt")
+
+
+def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...]) -> Job:
+    tok = _backend(request).tokenizer
+    ids, text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt is not False)
+    if not ids:
+        raise RequestError("the rendered chat prompt is empty", param="messages")
+    max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), _max_model_len(request), "messages")
+    return Job(ids, text, chat_sampling_params(body, max_tokens), f"{rid}-0", namespace)
+
+
+async def _prepare(request: Request, body: CompletionRequest | ChatCompletionRequest,
+                   tenant: str | None) -> tuple[str, tuple[str, ...]]:
+    """Checks shared by both generation endpoints -> (model name to report, cache namespace)."""
+    check_supported(body)
+    model, adapter = _resolve_model(request, body.model)
+    await _require_healthy(_backend(request))
+    return model, request_namespace(tenant, body.cache_salt, adapter)
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+def _add_routes(app: FastAPI) -> None:
+    # Straight on the app, not via include_router: FastAPI's included-router
+    # wrapper holds a lock, and Ray Serve must be able to pickle the app.
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+
+
+async def create_completion(body: CompletionRequest, request: Request,
+                            tenant: str | None = Depends(tenant_of)) -> Response:
+    model, namespace = await _prepare(request, body, tenant)
+    backend, config = _backend(request), _config(request)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    jobs = _completion_jobs(request, body, rid, namespace)
+    n, logprobs, echo = jobs[0].params.n, body.logprobs is not None, bool(body.echo)
+    text = TokenText(backend.tokenizer, jobs[0].params.skip_special_tokens)
+    if body.wants_stream:
+        opened = await until_disconnect(request, open_streams(backend, jobs), config.disconnect_poll_s)
+        streamer = CompletionStreamer(rid, created, model, n, logprobs, echo, text)
+        final = (lambda outs: [streamer.usage_chunk(outs)]) if body.include_usage_in_stream else (lambda _: [])
+        return SSEResponse(sse_events(opened, streamer.chunks, final),
+                           headers=_headers(request, rid, [o.stream.replica_id for o in opened]))
+
+    async def work() -> tuple[list[RequestOutput], list[str]]:
+        opened = await open_streams(backend, jobs)
+        return await run_to_end(opened), [o.stream.replica_id for o in opened]
+    outs, replicas = await until_disconnect(request, work(), config.disconnect_poll_s)
+    resp = completion_response(rid, created, model, outs, n, logprobs, echo, text)
+    return JSONResponse(resp.model_dump(mode="json"), headers=_headers(request, rid, replicas))
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 tenant: str | None = Depends(tenant_of)) -> Response:
+    model, namespace = await _prepare(request, body, tenant)
+    backend, config = _backend(request), _config(request)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    job = _chat_job(request, body, rid, namespace)
+    top = job.params.logprobs  # None unless logprobs=true
+    text = TokenText(backend.tokenizer, job.params.skip_special_tokens)
+    if body.wants_stream:
+        opened = await until_disconnect(request, open_streams(backend, [job]), config.disconnect_poll_s)
+        streamer = ChatStreamer(rid, created, model, job.params.n, top, text)
+        final = (lambda outs: [streamer.usage_chunk(outs)]) if body.include_usage_in_stream else (lambda _: [])
+        return SSEResponse(sse_events(opened, lambda _, out: streamer.chunks(out), final),
+                           headers=_headers(request, rid, [opened[0].stream.replica_id]))
+
+    async def work() -> tuple[RequestOutput, str]:
+        opened = await open_streams(backend, [job])
+        return (await run_to_end(opened))[0], opened[0].stream.replica_id
+    out, replica = await until_disconnect(request, work(), config.disconnect_poll_s)
+    resp = chat_response(rid, created, model, out, top, text)
+    return JSONResponse(resp.model_dump(mode="json"), headers=_headers(request, rid, [replica]))
+
+
+async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+    backend, base, created = _backend(request), _base_name(request), int(time.time())
+    limit = _max_model_len(request)
+    cards = [ModelCard(id=base, created=created, root=backend.model_name, max_model_len=limit)]
+    for name in backend.model_names():
+        if name not in (base, backend.model_name):
+            cards.append(ModelCard(id=name, created=created, root=name, parent=base, max_model_len=limit))
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+async def tokenize(body: TokenizeRequest, request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+    _resolve_model(request, body.model)
+    tok = _backend(request).tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+    if body.messages is not None:
+        ids, _text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt)
+    else:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
+    resp = TokenizeResponse(count=len(ids), max_model_len=_max_model_len(request), tokens=ids, token_strs=strs)
+    return JSONResponse(resp.model_dump(mode="json"))
+
+
+async def detokenize(body: DetokenizeRequest, request: Request,
+                     _: str | None = Depends(tenant_of)) -> JSONResponse:
+    _resolve_model(request, body.model)
+    tok = _backend(request).tokenizer
+    bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
+    return JSONResponse(DetokenizeResponse(prompt=tok.decode(body.tokens)).model_dump(mode="json"))
+
+
+async def health(request: Request) -> Response:
+    await _require_healthy(_backend(request))
+    return Response(status_code=200)
+
+
+async def metrics(request: Request) -> PlainTextResponse:
+    text = await _backend(request).metrics_text()
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,55 @@
+"""What the ingress and the replicas exchange through Ray Serve, as msgpack bytes.
+
+Ray moves the bytes; their content is our explicit, versioned schema
+(engine/wire.py), so no Python object crosses a process as pickle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine import wire
+from engine.outputs import RequestOutput
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt_text: str | None
+    params: dict  # SamplingParams.to_wire()
+    namespace: list[str]
+    block_hashes: list[int]  # computed by the ingress exactly as the engine will: what the router reads
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    replica_id: str
+    output: RequestOutput
+
+
+@dataclass(frozen=True)
+class RoutingInfo:
+    block_hashes: list[int]
+    prompt_head: list[int]  # the first tokens: keys rendezvous hashing for prompts under one block
+    prompt_len: int
+
+
+def encode_request(req: GenerateRequest) -> bytes:
+    return wire.encode("generate", req)
+
+
+def decode_request(data: bytes) -> GenerateRequest:
+    return wire.decode(data, {"generate": GenerateRequest})[1]
+
+
+def routing_info(data: bytes) -> RoutingInfo:
+    req = decode_request(data)
+    return RoutingInfo(req.block_hashes, req.prompt_token_ids[:16], len(req.prompt_token_ids))
+
+
+def encode_item(item: StreamItem) -> bytes:
+    return wire.encode("output", item)
+
+
+def decode_item(data: bytes) -> StreamItem:
+    return wire.decode(data, {"output": StreamItem})[1]

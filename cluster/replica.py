@@ -1,0 +1,127 @@
+"""LLMServer: one replica = one AsyncLLMEngine (+ its TP worker actors).
+
+It registers with the RadixCacheMetadata actor (refused loudly on a hash
+fingerprint mismatch), publishes its engine's block events and metrics every
+``publish_interval_s`` (a snapshot when the actor reports a gap), streams
+outputs as msgpack bytes, and reports unhealthy when its engine is.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from cluster.metadata import encode_batch, encode_snapshot, get_metadata_actor
+from cluster.protocol_wire import StreamItem, decode_request, encode_item
+from engine.async_engine import AsyncLLMEngine
+from engine.cache.hashing import HASH_SCHEME_VERSION
+from engine.llm import engine_config
+from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    replica_id: str
+    model: str
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+    model_dir: str
+    fingerprint: str
+
+
+def fingerprint(model_dir: str, block_size: int) -> str:
+    """What block hashes depend on -- the model (its config, tokenizer and
+    weight files), the block size, the hash scheme: replicas that differ here
+    must never be compared."""
+    p = Path(model_dir)
+    h = hashlib.blake2b(digest_size=8)
+    for name in ("config.json", "tokenizer.json"):
+        h.update((p / name).read_bytes())
+    for f in sorted(p.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{h.hexdigest()}:bs{block_size}:hash-v{HASH_SCHEME_VERSION}"
+
+
+class LLMServer:
+    def __init__(self, engine_kwargs: dict[str, Any], publish_interval_s: float = 0.1):
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        cfg = engine_config(**engine_kwargs)
+        launcher = None
+        if cfg.parallel.tensor_parallel_size > 1:
+            import torch
+
+            from cluster.ray_launcher import RayWorkerLauncher
+            launcher = RayWorkerLauncher(use_gpu=torch.cuda.is_available())
+        self.engine = AsyncLLMEngine(cfg, launcher=launcher, engine_id=self.replica_id)
+        core = self.engine.engine
+        self.info = ReplicaInfo(self.replica_id, cfg.model.model, core.max_model_len, core.block_size,
+                                core.arch.vocab_size, str(core.model_dir),
+                                fingerprint(str(core.model_dir), core.block_size))
+        self.metadata = get_metadata_actor()
+        import ray
+        ray.get(self.metadata.register.remote(self.replica_id, self.info.fingerprint))
+        self.publish_interval_s = publish_interval_s
+        self._publisher: asyncio.Task | None = None
+
+    def _ensure_publisher(self) -> None:
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                batch = await self.engine.call(lambda e: e.events.drain())
+                text = self.engine.engine.metrics.render()
+                ok = await self.metadata.push.remote(self.replica_id, encode_batch(batch), text)
+                if not ok:  # the actor missed events (or just met us): send the whole state
+                    snap = await self.engine.call(lambda e: e.snapshot())
+                    await self.metadata.push_snapshot.remote(self.replica_id, encode_snapshot(snap))
+            except Exception:
+                log.exception("publishing block events failed; retrying")
+            await asyncio.sleep(self.publish_interval_s)
+
+    async def get_info(self) -> dict:
+        self._ensure_publisher()
+        return self.info.__dict__
+
+    async def generate(self, payload: bytes):
+        """Stream msgpack-encoded StreamItems; closing the stream aborts the request."""
+        self._ensure_publisher()
+        req = decode_request(payload)
+        params = SamplingParams.from_wire(req.params)
+        async for out in self.engine.generate(req.prompt_text, params, req.request_id,
+                                              prompt_token_ids=req.prompt_token_ids,
+                                              namespace=req.namespace):
+            yield encode_item(StreamItem(self.replica_id, out))
+
+    async def metrics(self) -> str:
+        return self.engine.engine.metrics.render(f'replica="{self.replica_id}"')
+
+    async def kv_state(self) -> dict:
+        """Blocks in use and cached (tests check nothing leaks after load)."""
+        return await self.engine.call(lambda e: {
+            "num_free": e.kv.pool.num_free, "num_blocks": e.kv.pool.num_blocks,
+            "requests": len(e.scheduler.requests), "cached": len(e.kv.tree)})
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self.engine.call(lambda e: e.kv.reset_prefix_cache())
+
+    async def check_health(self) -> None:
+        self._ensure_publisher()
+        if not self.engine.is_healthy():
+            raise RuntimeError(f"replica {self.replica_id}: engine unhealthy")
+
+    def __del__(self) -> None:
+        try:
+            self.engine.shutdown()
+        except Exception:
+            pass

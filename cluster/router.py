@@ -1,0 +1,124 @@
+"""PrefixAffinityRouter: cluster/routing.py's policy on Ray Serve's request-router API.
+
+Each copy of the router (one per process holding a handle to the LLM
+deployment) keeps a local copy of the RadixCacheMetadata index, refreshed by
+an async delta pull every ``sync_interval_s`` -- routing a request never
+waits on a remote call. It tracks in-flight requests per replica itself
+(routed minus completed) for the load bound, and reports its decisions to
+the metadata actor for /metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from typing import Any
+
+import ray
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest,
+                                      ReplicaID, RequestRouter, RunningReplica)
+
+from cluster.metadata import ACTOR_NAME, ACTOR_NAMESPACE, LocalIndex, decode_delta
+from cluster.protocol_wire import RoutingInfo, routing_info
+from cluster.routing import ReplicaState, RouterConfig, RoutingPolicy
+
+log = logging.getLogger(__name__)
+_REPORT_EVERY = 20  # syncs between two reports of the decision counters
+
+
+class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+    def initialize_state(self, **kwargs: Any) -> None:
+        self.cfg = RouterConfig(**kwargs)
+        self.policy = RoutingPolicy(self.cfg)
+        self.index = LocalIndex()
+        self.router_id = uuid.uuid4().hex[:8]
+        self.inflight: Counter[str] = Counter()
+        self.queued: Counter[str] = Counter()
+        self.decisions: Counter[tuple[str, str]] = Counter()  # (replica, reason) -> count
+        self.hit_blocks: Counter[str] = Counter()
+        self._work: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, tokens)
+        self._chosen: dict[str, tuple[str, str, int, int]] = {}  # request -> (replica, reason, tokens, hit)
+        self._sync_task: asyncio.Task | None = None
+        self._actor = None
+
+    # -- metadata sync --------------------------------------------------------------------
+
+    def _ensure_sync(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        n = 0
+        while True:
+            try:
+                if self._actor is None:
+                    self._actor = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+                self.index.apply(decode_delta(await self._actor.pull.remote(self.index.version)))
+                n += 1
+                if n % _REPORT_EVERY == 0:
+                    self._actor.report_router.remote(self.router_id, self.metrics_text())
+            except ValueError:  # the actor does not exist (yet): route without affinity
+                self._actor = None
+            except Exception:  # keep routing on the last copy; try again next tick
+                log.exception("metadata pull failed")
+                self._actor = None
+            await asyncio.sleep(self.cfg.sync_interval_s)
+
+    # -- choosing ---------------------------------------------------------------------------
+
+    def _states(self, replicas: list[RunningReplica], info: RoutingInfo) -> list[ReplicaState]:
+        out = []
+        for r in replicas:
+            rid = r.replica_id.unique_id
+            gpu, cpu = self.index.hit(rid, info.block_hashes)
+            out.append(ReplicaState(rid, gpu, cpu, self.inflight[rid], self.queued[rid]))
+        return out
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        self._ensure_sync()
+        if self.cfg.policy == "pow2" or pending_request is None or not candidate_replicas:
+            return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+        info = routing_info(pending_request.args[0])
+        decisions = self.policy.choose(self._states(candidate_replicas, info), info.block_hashes,
+                                       info.prompt_head)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        first = decisions[0]
+        tokens = int(first.cost) - self.queued[first.replica] + self.cfg.expected_output_tokens
+        self._chosen[pending_request.metadata.internal_request_id] = (
+            first.replica, first.reason, max(tokens, 1), first.hit_blocks)
+        return [[by_id[d.replica]] for d in decisions]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        rid = replica_id.unique_id
+        key = pending_request.metadata.internal_request_id
+        _, reason, tokens, hit = self._chosen.pop(key, (rid, self.cfg.policy, self.cfg.expected_output_tokens, 0))
+        self.inflight[rid] += 1
+        self.queued[rid] += tokens
+        self.decisions[(rid, reason)] += 1
+        self.hit_blocks[rid] += hit
+        self._work[key] = (rid, tokens)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        rid, tokens = self._work.pop(internal_request_id, (replica_id.unique_id, 0))
+        self.inflight[rid] = max(0, self.inflight[rid] - 1)
+        self.queued[rid] = max(0, self.queued[rid] - tokens)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        if self._actor is not None:
+            self._actor.drop.remote(replica_id.unique_id)  # fire and forget
+
+    def metrics_text(self) -> str:
+        lines = ["# HELP radixserve:router_decisions_total Requests routed, by replica and reason",
+                 "# TYPE radixserve:router_decisions_total counter"]
+        for (rid, reason), n in sorted(self.decisions.items()):
+            lines.append(f'radixserve:router_decisions_total{{router="{self.router_id}",replica="{rid}",'
+                         f'reason="{reason}"}} {n}')
+        lines += ["# HELP radixserve:router_inflight Requests in flight per replica, as this router sees it",
+                  "# TYPE radixserve:router_inflight gauge"]
+        for rid, n in sorted(self.inflight.items()):
+            lines.append(f'radixserve:router_inflight{{router="{self.router_id}",replica="{rid}"}} {n}')
+        return "\n".join(lines) + "\n"

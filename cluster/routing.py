@@ -1,0 +1,134 @@
+"""Replica choice for one request, as plain deterministic Python (no Ray).
+
+The cost of sending a request to replica r, in tokens:
+
+    cost(r) = uncached(r) + queued(r)
+    uncached(r) = prompt_tokens - block_size * (gpu_hit(r) + cpu_hit(r))
+                  + cpu_copy_cost * block_size * cpu_hit(r)
+    queued(r)   = work already routed to r and not finished (its uncached
+                  prompt tokens plus expected output tokens)
+
+gpu_hit / cpu_hit: length of the prompt's longest cached prefix on r, in
+blocks, from the device tier and then the CPU tier (a CPU-tier block must be
+copied in, so it counts ``cpu_copy_cost`` of a recomputed one).
+
+Load bound: a replica whose in-flight requests exceed
+``(1 + load_epsilon) * mean + 1`` is not a candidate, so one hot prefix
+spills to a second replica (which then builds its own copy) instead of
+piling onto the first while others idle.
+
+No useful hit (best hit below ``min_hit_fraction`` of the prompt): rendezvous
+hashing over the first ``rendezvous_blocks`` block hashes among the
+candidates, so repeats of a new prefix converge on one replica.
+
+Every parameter and its default is in ``RouterConfig``.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+
+POLICIES = ("prefix_affinity", "round_robin", "pow2", "consistent_hash")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    policy: str = "prefix_affinity"
+    block_size: int = 16
+    cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
+    load_epsilon: float = 0.25       # in-flight bound: (1 + eps) * mean + 1
+    min_hit_fraction: float = 0.1    # below this, a hit is not worth breaking rendezvous
+    rendezvous_blocks: int = 4       # prefix blocks that key rendezvous hashing
+    expected_output_tokens: int = 128  # queued work per in-flight request, beyond its prompt
+    sync_interval_s: float = 0.05    # how often the router pulls metadata deltas
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"router policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0 <= self.cpu_copy_cost <= 1:
+            raise ValueError(f"cpu_copy_cost must be in [0, 1], got {self.cpu_copy_cost}")
+        if self.load_epsilon < 0:
+            raise ValueError(f"load_epsilon must be >= 0, got {self.load_epsilon}")
+        if self.sync_interval_s <= 0:
+            raise ValueError(f"sync_interval_s must be > 0, got {self.sync_interval_s}")
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    replica: str
+    gpu_hit: int     # blocks
+    cpu_hit: int     # blocks
+    inflight: int    # requests routed and not finished
+    queued_tokens: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    replica: str
+    reason: str  # "affinity" | "rendezvous" | "least_loaded" | "round_robin" | "consistent_hash"
+    cost: float
+    hit_blocks: int
+
+
+def rendezvous(key: bytes, replicas: list[str]) -> list[str]:
+    """Replicas ordered by highest-random-weight for ``key``: stable as replicas come and go."""
+    score = lambda r: hashlib.blake2b(key + r.encode(), digest_size=8).digest()  # noqa: E731
+    return sorted(replicas, key=score, reverse=True)
+
+
+def prefix_key(block_hashes: list[int], prompt_tokens: list[int], n: int) -> bytes:
+    if block_hashes:
+        return block_hashes[min(n, len(block_hashes)) - 1].to_bytes(8, "little")
+    return repr(prompt_tokens[:16]).encode()  # shorter than a block: key on the tokens
+
+
+class RoutingPolicy:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self._rr = itertools.count()
+
+    def cost(self, prompt_tokens: int, s: ReplicaState) -> float:
+        bs = self.config.block_size
+        cached = min(prompt_tokens, bs * (s.gpu_hit + s.cpu_hit))
+        uncached = prompt_tokens - cached + self.config.cpu_copy_cost * bs * s.cpu_hit
+        return uncached + s.queued_tokens
+
+    def within_load_bound(self, states: list[ReplicaState]) -> list[ReplicaState]:
+        mean = sum(s.inflight for s in states) / len(states)
+        bound = (1 + self.config.load_epsilon) * mean + 1
+        ok = [s for s in states if s.inflight <= bound]
+        return ok or states
+
+    def choose(self, states: list[ReplicaState], block_hashes: list[int],
+               prompt_tokens: list[int]) -> list[Decision]:
+        """Replicas best first (the caller tries them in order)."""
+        if not states:
+            return []
+        policy = self.config.policy
+        if policy == "round_robin":
+            start = next(self._rr) % len(states)
+            order = states[start:] + states[:start]
+            return [Decision(s.replica, "round_robin", 0.0, 0) for s in order]
+        key = prefix_key(block_hashes, prompt_tokens, self.config.rendezvous_blocks)
+        if policy == "consistent_hash":
+            by = {s.replica: s for s in states}
+            return [Decision(r, "consistent_hash", 0.0, by[r].gpu_hit + by[r].cpu_hit)
+                    for r in rendezvous(key, list(by))]
+        return self._affinity(states, key, len(prompt_tokens))
+
+    def _affinity(self, states: list[ReplicaState], key: bytes, prompt_len: int) -> list[Decision]:
+        candidates = self.within_load_bound(states)
+        best_hit = max(s.gpu_hit + s.cpu_hit for s in candidates)
+        useful = best_hit * self.config.block_size >= max(1, self.config.min_hit_fraction * prompt_len)
+        if useful:
+            ranked = sorted(candidates, key=lambda s: (self.cost(prompt_len, s), s.inflight, s.replica))
+            reason = "affinity"
+        else:  # nothing worth keeping: let repeats of this prefix meet on one replica
+            order = {r: i for i, r in enumerate(rendezvous(key, [s.replica for s in candidates]))}
+            ranked = sorted(candidates, key=lambda s: order[s.replica])
+            reason = "rendezvous"
+        rest = sorted((s for s in states if s not in candidates), key=lambda s: s.inflight)
+        out = [Decision(s.replica, reason, self.cost(prompt_len, s), s.gpu_hit + s.cpu_hit) for s in ranked]
+        return out + [Decision(s.replica, "least_loaded", self.cost(prompt_len, s), s.gpu_hit + s.cpu_hit)
+                      for s in rest]
