@@ -79,7 +79,10 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         self._ensure_sync()
-        if self.cfg.policy == "pow2" or pending_request is None or not candidate_replicas:
+        routable = (pending_request is not None and pending_request.args
+                    and isinstance(pending_request.args[0], bytes))
+        if self.cfg.policy == "pow2" or not routable or not candidate_replicas:
+            # Ray's default, also for calls that carry no prompt (get_info, metrics, ...)
             return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
         info = routing_info(pending_request.args[0])
         decisions = self.policy.choose(self._states(candidate_replicas, info), info.block_hashes,

@@ -197,14 +197,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepResult:
+        timeout = self.config.parallel.worker_timeout_s
+        if so.transfers_before_forward:  # evicted blocks are copied out before anything overwrites them
+            self.transfer.wait(so.transfers_before_forward, timeout_s=timeout)
         if so.block_copies:
             src, dst = zip(*so.block_copies)
             self.backend.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
                                      torch.tensor(dst, device=self.device))
         self._update_states(so)
         result = self._forward(so) if so.seqs else StepResult(so.step_id)
-        if so.wait_transfers:  # this step's swap-outs must land before any block is reused
-            self.transfer.wait(so.wait_transfers, timeout_s=self.config.parallel.worker_timeout_s)
+        pending = [t for t in so.wait_transfers if t not in so.transfers_before_forward]
+        if pending:  # this step's write-backs must land before any block is reused
+            self.transfer.wait(pending, timeout_s=timeout)
         return result
 
     def _forward(self, so: SchedulerOutput) -> StepResult:

@@ -215,8 +215,12 @@ class Scheduler:
             self._schedule_waiting(budget, chosen)
         out = SchedulerOutput(step_id=self._step_id, finished_seq_ids=self._finished_ids,
                               block_copies=self._pending_copies)
-        if self.kv.cpu is not None:  # write back the next eviction candidates during this step
-            demotion = self.kv.cpu.plan_demotions()
+        if self.kv.cpu is not None:
+            evicted = self.kv.cpu.flush_evictions()  # blocks this step reuses: copy them out first
+            if evicted is not None:
+                out.transfers_before_forward.append(evicted.task_id)
+                out.wait_transfers.append(evicted.task_id)
+            demotion = self.kv.cpu.plan_demotions()  # write back the next candidates during the step
             if demotion is not None:
                 out.wait_transfers.append(demotion.task_id)
         self._finished_ids, self._pending_copies = [], []

@@ -49,6 +49,7 @@ class SchedulerOutput:
     finished_seq_ids: list[int] = field(default_factory=list)  # drop their sampling state
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
     wait_transfers: list[int] = field(default_factory=list)  # swap-outs to finish before replying
+    transfers_before_forward: list[int] = field(default_factory=list)  # copy-on-evict: before any write
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +57,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.seqs and not self.block_copies and not self.wait_transfers
+        return not self.seqs and not self.block_copies and not self.wait_transfers \
+            and not self.transfers_before_forward
 
 
 @dataclass

@@ -202,7 +202,9 @@ class KVCacheManager:
         node = self.tree.node_of_block(block_id)
         assert not node.cpu_pending, "evicting a device block whose CPU copy is being written"
         self.num_evicted_blocks += 1
-        if node.cpu_ready:  # the CPU copy survives: only the device copy goes
+        if node.cpu_ready or (self.cpu is not None and self.cpu.demote_on_evict(node)):
+            # A CPU copy exists (or is being made before this block is overwritten):
+            # only the device copy goes.
             self.tree.set_gpu(node, None)
             self.events.record(False, GPU, node.block_hash, _parent_hash(node), node.root, EVICTED)
             return
@@ -215,8 +217,8 @@ class KVCacheManager:
         usable device copy there are only CPU-tier nodes."""
         for n in self.tree.remove_subtree(node):
             assert n is node or n.gpu is None, "dropping a block that has a device copy"
-            for tier, block in ((GPU, n.gpu), (CPU, n.cpu)):
-                if block is not None:
+            for tier, ready in ((GPU, n.gpu_ready), (CPU, n.cpu_ready)):
+                if ready:  # a copy still being written was never announced
                     self.events.record(False, tier, n.block_hash, _parent_hash(n), n.root, EVICTED)
 
     def check_invariants(self, live: list[Sequence]) -> None:

@@ -40,6 +40,7 @@ class Transfer:
     nodes: list[RadixNode] = field(repr=False)
     seq: Sequence | None = field(default=None, repr=False)  # SWAP_IN: who waits for it
     orphaned: bool = False  # the waiting sequence finished before the swap-in did
+    before_forward: bool = False  # SWAP_OUT of evicted blocks: must run before the step writes them
 
 
 def _depth(node: RadixNode) -> int:
@@ -57,6 +58,7 @@ class CpuTier:
         self.window = demote_window
         self.inflight: dict[int, Transfer] = {}
         self.started: list[Transfer] = []  # not yet handed to the transfer queue
+        self._evicting: Transfer | None = None  # copy-on-evict swap-outs of the current step
         self._promoting: dict[int, Transfer] = {}  # seq id -> its swap-in
         self._ids = itertools.count(1)
         self.swapped_in_blocks = 0
@@ -97,6 +99,31 @@ class CpuTier:
         return True
 
     # -- demotion ---------------------------------------------------------------------------
+
+    def demote_on_evict(self, node: RadixNode) -> bool:
+        """An allocation is about to reuse a cached device block that has no CPU
+        copy yet (write-back did not get to it): copy it out first. The copy runs
+        on the worker before the step's forward; until then the CPU copy is
+        pending and cannot be hit. False if the CPU tier has no room."""
+        if self.pool.num_free == 0:
+            return False
+        block = self.pool.allocate()
+        self.tree.set_cpu(node, block, pending=True)
+        batch = self._evicting
+        if batch is None:
+            batch = self._evicting = Transfer(next(self._ids), SWAP_OUT, [], [], [], before_forward=True)
+            self.inflight[batch.task_id] = batch
+        batch.gpu_blocks.append(node.gpu)
+        batch.cpu_blocks.append(block)
+        batch.nodes.append(node)
+        return True
+
+    def flush_evictions(self) -> Transfer | None:
+        """Close this step's batch of copy-on-evict swap-outs (see demote_on_evict)."""
+        t, self._evicting = self._evicting, None
+        if t is not None:
+            self.started.append(t)
+        return t
 
     def plan_demotions(self) -> Transfer | None:
         """Give the next ``window`` eviction candidates a CPU copy."""
@@ -159,14 +186,23 @@ class CpuTier:
     def _finish_demotion(self, t: Transfer, ok: bool) -> None:
         events = self.kv.events
         for node, cpu in sorted(zip(t.nodes, t.cpu_blocks), key=lambda nc: -_depth(nc[0])):
-            if not ok:
-                self.tree.set_cpu(node, None)
+            if self.tree.get(node.block_hash) is not node:  # dropped with an evicted subtree
                 self.pool.free([cpu])
+                continue
+            if not ok:
+                self.pool.free([cpu])
+                if node.gpu is None:  # evicted meanwhile: no copy left at all
+                    self.tree.set_cpu(node, None)
+                    self.kv.drop_subtree(node)
+                else:
+                    self.tree.set_cpu(node, None)
                 continue
             node.cpu_pending = False
             self.pool.free([cpu])  # now a cached, evictable CPU block
             events.record(True, CPU, node.block_hash, _parent(node), node.root, DEMOTED)
             gpu = node.gpu
+            if gpu is None:
+                continue  # evicted while copying (copy-on-evict): the CPU copy is all there is
             if self.kv.pool.ref_cnt[gpu] == 0 and not node.has_gpu_children():
                 # Nothing uses the device copy: free it for real (head of the queue).
                 self.tree.set_gpu(node, None)

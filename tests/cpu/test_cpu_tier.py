@@ -51,6 +51,7 @@ def run_seq(kv: KVCacheManager, tokens: list[int]) -> Sequence:
 
 
 def settle(kv: KVCacheManager, ok: bool = True) -> None:
+    kv.cpu.flush_evictions()
     for t in kv.cpu.take_started():
         kv.cpu.complete(t.task_id, ok)
 
@@ -125,11 +126,18 @@ class TierMachine(RuleBasedStateMachine):
         self.live: list[Sequence] = []  # running or waiting for a swap-in
         self.pending = []  # started transfers not yet completed
 
-    def _collect(self):
-        self.pending += self.kv.cpu.take_started()
+    def _collect(self, evict_ok: bool = True):
+        # End of a step: copy-on-evict swap-outs ran before the forward and are
+        # acknowledged with it; swap-ins may stay in flight for several steps.
+        evicted = self.kv.cpu.flush_evictions()
+        started = self.kv.cpu.take_started()
+        if evicted is not None:
+            started.remove(evicted)
+            self.kv.cpu.complete(evicted.task_id, evict_ok)
+        self.pending += started
 
-    @rule(prefix=st.integers(0, 2), length=st.integers(2, 14))
-    def admit(self, prefix, length):
+    @rule(prefix=st.integers(0, 2), length=st.integers(2, 14), evict_ok=st.booleans())
+    def admit(self, prefix, length, evict_ok):
         seq = make_seq([prefix * 100 + i for i in range(length)])
         hit = self.kv.lookup(seq)
         n = seq.num_tokens - hit.num_tokens(BS)
@@ -138,11 +146,11 @@ class TierMachine(RuleBasedStateMachine):
                 seq.num_computed_tokens += n
                 self.kv.commit(seq)
             self.live.append(seq)
-        self._collect()
+        self._collect(evict_ok)
 
     @precondition(lambda self: self.live)
-    @rule(data=st.data(), token=st.integers(0, 2))
-    def decode(self, data, token):
+    @rule(data=st.data(), token=st.integers(0, 2), evict_ok=st.booleans())
+    def decode(self, data, token, evict_ok):
         seq = data.draw(st.sampled_from(self.live))
         if self.kv.is_swapping_in(seq):
             return
@@ -155,7 +163,7 @@ class TierMachine(RuleBasedStateMachine):
             self.kv.free(seq)
             seq.num_computed_tokens = 0
             self.live.remove(seq)
-        self._collect()
+        self._collect(evict_ok)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -169,8 +177,9 @@ class TierMachine(RuleBasedStateMachine):
         # As in the engine: planned at the end of a schedule, copied during that
         # step, completed before anything allocates again.
         t = self.kv.cpu.plan_demotions()
-        self.kv.cpu.take_started()
+        self._collect(ok)
         if t is not None:
+            self.pending.remove(t)
             self.kv.cpu.complete(t.task_id, ok)
 
     @precondition(lambda self: self.pending)
@@ -190,6 +199,7 @@ class TierMachine(RuleBasedStateMachine):
         assert self.index.tiers == tree_tiers(self.kv)
 
     def teardown(self):
+        self._collect()
         for t in list(self.pending):
             self.kv.cpu.complete(t.task_id, True)
         for seq in self.live:
