@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class ReplicaInfo:
     vocab_size: int
     model_dir: str
     fingerprint: str
+    node_id: str
+    pid: int
 
 
 def fingerprint(model_dir: str, block_size: int) -> str:
@@ -63,11 +66,12 @@ class LLMServer:
             launcher = RayWorkerLauncher(use_gpu=torch.cuda.is_available())
         self.engine = AsyncLLMEngine(cfg, launcher=launcher, engine_id=self.replica_id)
         core = self.engine.engine
+        import ray
         self.info = ReplicaInfo(self.replica_id, cfg.model.model, core.max_model_len, core.block_size,
                                 core.arch.vocab_size, str(core.model_dir),
-                                fingerprint(str(core.model_dir), core.block_size))
+                                fingerprint(str(core.model_dir), core.block_size),
+                                ray.get_runtime_context().get_node_id(), os.getpid())
         self.metadata = get_metadata_actor()
-        import ray
         ray.get(self.metadata.register.remote(self.replica_id, self.info.fingerprint))
         self.publish_interval_s = publish_interval_s
         self._publisher: asyncio.Task | None = None

@@ -11,24 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import Counter
 from typing import Any
 
 import ray
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest,
-                                      ReplicaID, RequestRouter, RunningReplica)
+from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID,
+                                      RequestRouter, RunningReplica)
 
 from cluster.metadata import ACTOR_NAME, ACTOR_NAMESPACE, LocalIndex, decode_delta
 from cluster.protocol_wire import RoutingInfo, routing_info
 from cluster.routing import ReplicaState, RouterConfig, RoutingPolicy
 
 log = logging.getLogger(__name__)
-_REPORT_EVERY = 20  # syncs between two reports of the decision counters
+_REPORT_EVERY = 10  # syncs between two reports of the decision counters (0.5 s)
+_RESERVATION_TTL_S = 60.0
 
 
-class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+# No FIFOMixin on purpose: with it, a replica chosen for one request may be
+# handed to whichever request is oldest, which would break per-prompt affinity.
+# Without it Ray fulfils exactly the request the choice was made for.
+class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, **kwargs: Any) -> None:
         self.cfg = RouterConfig(**kwargs)
         self.policy = RoutingPolicy(self.cfg)
@@ -39,7 +44,8 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
         self.decisions: Counter[tuple[str, str]] = Counter()  # (replica, reason) -> count
         self.hit_blocks: Counter[str] = Counter()
         self._work: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, tokens)
-        self._chosen: dict[str, tuple[str, str, int, int]] = {}  # request -> (replica, reason, tokens, hit)
+        # request -> (replica, reason, tokens, hit blocks, when): chosen, not yet routed
+        self._chosen: dict[str, tuple[str, str, int, int, float]] = {}
         self._sync_task: asyncio.Task | None = None
         self._actor = None
 
@@ -89,15 +95,40 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
                                        info.prompt_head)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         first = decisions[0]
-        tokens = int(first.cost) - self.queued[first.replica] + self.cfg.expected_output_tokens
-        self._chosen[pending_request.metadata.internal_request_id] = (
-            first.replica, first.reason, max(tokens, 1), first.hit_blocks)
+        tokens = max(1, int(first.cost) - self.queued[first.replica] + self.cfg.expected_output_tokens)
+        self._reserve(pending_request.metadata.internal_request_id, first.replica, first.reason, tokens,
+                      first.hit_blocks)
         return [[by_id[d.replica]] for d in decisions]
+
+    def _reserve(self, key: str, replica: str, reason: str, tokens: int, hit: int) -> None:
+        """Count a request against its replica as soon as it is chosen: concurrent
+        routing decisions must see each other, or a burst of one hot prefix
+        would all pick the same replica before any of them is routed."""
+        self._release(key)
+        self._expire_reservations()
+        self.inflight[replica] += 1
+        self.queued[replica] += tokens
+        self._chosen[key] = (replica, reason, tokens, hit, time.monotonic())
+
+    def _release(self, key: str) -> tuple | None:
+        held = self._chosen.pop(key, None)
+        if held is not None:
+            replica, _, tokens, _, _ = held
+            self.inflight[replica] = max(0, self.inflight[replica] - 1)
+            self.queued[replica] = max(0, self.queued[replica] - tokens)
+        return held
+
+    def _expire_reservations(self) -> None:
+        cutoff = time.monotonic() - _RESERVATION_TTL_S  # requests cancelled before being routed
+        for key in [k for k, v in self._chosen.items() if v[4] < cutoff]:
+            self._release(key)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = replica_id.unique_id
         key = pending_request.metadata.internal_request_id
-        _, reason, tokens, hit = self._chosen.pop(key, (rid, self.cfg.policy, self.cfg.expected_output_tokens, 0))
+        held = self._release(key)
+        reason, tokens, hit = (held[1], held[2], held[3]) if held else (self.cfg.policy,
+                                                                         self.cfg.expected_output_tokens, 0)
         self.inflight[rid] += 1
         self.queued[rid] += tokens
         self.decisions[(rid, reason)] += 1

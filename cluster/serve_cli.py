@@ -1,0 +1,101 @@
+"""``radixserve serve``: start (or join) Ray, deploy the cluster app, serve HTTP.
+
+    radixserve serve --model tiny-llama                       # local Ray, 127.0.0.1:8000
+    radixserve serve --ray-address HEAD:6379 --detach ...      # deploy onto a running cluster
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+
+def _api_keys(values: list[str] | None) -> dict[str, str] | None:
+    """``--api-key KEY`` (tenant = the key's own name) or ``--api-key KEY=TENANT``."""
+    if not values:
+        return None
+    keys = {}
+    for v in values:
+        key, _, tenant = v.partition("=")
+        keys[key] = tenant or f"tenant-{len(keys)}"
+    return keys
+
+
+def add_serve_parser(sub, add_engine_flags) -> None:
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    add_engine_flags(s)
+    s.add_argument("--num-replicas", type=int, default=1)
+    s.add_argument("--router", default="prefix_affinity",
+                   help="prefix_affinity (default) | round_robin | pow2 | consistent_hash")
+    s.add_argument("--api-key", action="append", default=None,
+                   help="require this key (repeatable; KEY=TENANT gives the key its own cache namespace)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--http-host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start a local one)")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    s.add_argument("--replica-cpus", type=float, default=0.5)
+    s.add_argument("--app-name", default="radixserve")
+    s.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running")
+    s.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import ClusterConfig, build_application
+    from cluster.cli import engine_kwargs
+    cfg = ClusterConfig(model=args.model, num_replicas=args.num_replicas, router=args.router,
+                        api_keys=_api_keys(args.api_key), served_model_name=args.served_model_name,
+                        replica_cpus=args.replica_cpus, engine=engine_kwargs(args))
+    if args.ray_address:
+        ray.init(address=args.ray_address, namespace="serve")
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, namespace="serve")
+    serve.start(http_options={"host": args.http_host, "port": args.port}, detached=args.detach)
+    serve.run(build_application(cfg), name=args.app_name, route_prefix="/")
+    print(json.dumps({"serving": f"http://{args.http_host}:{args.port}/v1", "model": args.model,
+                      "replicas": args.num_replicas, "router": args.router}), flush=True)
+    if args.detach:
+        return 0
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    _kill_metadata_actor()
+    ray.shutdown()
+    return 0
+
+
+def _kill_metadata_actor() -> None:
+    import ray
+
+    from cluster.metadata import ACTOR_NAME, ACTOR_NAMESPACE
+    try:
+        ray.kill(ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE))
+    except ValueError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cluster.serve_cli`` == ``radixserve serve`` (the launch script uses it)."""
+    from cluster.cli import add_engine_flags
+    parser = argparse.ArgumentParser(prog="radixserve")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True), add_engine_flags)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.fn(args)
+    except ValueError as exc:
+        print(f"radixserve serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""One real Ray Serve deployment shared by the cluster tests (kept lean: 2 CPU cores).
+
+App "radixserve" at /: 2 LLMServer replicas x TP=1 behind PrefixAffinityRouter,
+configured from ray_configs/serve.yaml (with a test model cache, a small KV
+pool and two API keys); app "radixserve-tp2" at /tp2: one TP=2 replica whose
+workers are Ray actors in the replica's placement group.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    url: str
+    tp2_url: str
+    handle: object  # DeploymentHandle to the 2-replica LLMServer deployment
+    model_dir: Path
+    cache_dir: str
+    gcs_address: str
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from cluster.app import ClusterConfig, build_application
+    from cluster.serve_cli import _kill_metadata_actor
+    from engine.model.default_models import resolve_model
+    cache = str(tmp_path_factory.mktemp("cluster-models"))
+    model_dir = resolve_model("tiny-llama", cache)
+    ctx = ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = yaml.safe_load((ROOT / "ray_configs" / "serve.yaml").read_text())["applications"][0]["args"]
+    args.update(cache_dir=cache, num_gpu_blocks=96, max_model_len=1024, api_keys=KEYS,
+                engine_worker_queue_port=0, cache_queue_port=0)
+    serve.run(build_application(ClusterConfig.from_args(args)), name="radixserve", route_prefix="/")
+    tp2 = ClusterConfig(model="tiny-llama", num_replicas=1,
+                        engine={"cache_dir": cache, "tensor_parallel_size": 2, "max_model_len": 1024,
+                                "engine_worker_queue_port": 0, "cache_queue_port": 0})
+    serve.run(build_application(tp2), name="radixserve-tp2", route_prefix="/tp2")
+    handle = serve.get_deployment_handle("LLMServer", app_name="radixserve")
+    yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/tp2", handle, model_dir, cache,
+                  ctx.address_info["gcs_address"])
+    serve.shutdown()
+    _kill_metadata_actor()
+    ray.shutdown()
