@@ -34,7 +34,7 @@ class Cluster:
     gcs_address: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
