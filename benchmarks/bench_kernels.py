@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks.common import command_line, env_info
 from kernels.paged_decode import paged_decode_attention_ref
 from kernels.prefix_prefill import prefix_prefill_attention_ref
 
@@ -392,14 +393,19 @@ def plot(json_path: Path) -> Path:
 
 # --------------------------------------------------------------------------- main
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per CPU case")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 timed repeat, default thread count only, kernels-quick-* result")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--cache-dir", help="accepted for a uniform suite interface; no model is loaded")
     parser.add_argument("--plot-only", type=Path, help="re-plot an existing JSON result")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads for the CPU timings, besides 1 (default: torch's default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
     if args.plot_only:
         print(plot(args.plot_only))
         return
@@ -411,6 +417,8 @@ def main() -> None:
         "device": device_name,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
+        "command": command_line("benchmarks.bench_kernels", argv),
+        "env": env_info(),
         "gpu": gpu_section(gen) if has_cuda else None,
     }
     if not has_cuda:
@@ -424,7 +432,7 @@ def main() -> None:
         "runs": [],
     }
     default_threads = torch.get_num_threads()
-    for threads in sorted({1, args.threads or default_threads}):
+    for threads in sorted({args.threads or default_threads} if args.quick else {1, args.threads or default_threads}):
         torch.set_num_threads(threads)
         run = {"threads": threads, "load_average_before": os.getloadavg(),
                "cases": cpu_reference_cases(args.repeat, gen)}
@@ -434,7 +442,9 @@ def main() -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    path = args.out_dir / f"kernels-{slug}-{datetime.date.today().isoformat()}.json"
+    suite = "kernels-quick" if args.quick else "kernels"
+    result["suite"] = suite
+    path = args.out_dir / f"{suite}-{slug}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2))
     print(path)
     print(plot(path))

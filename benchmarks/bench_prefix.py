@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, median, write_result
+from benchmarks.common import bar_plot, command_line, median, write_result
 from engine import LLM, SamplingParams
 from engine.model.default_models import resolve_model
 
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         tqdm.write(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summarize({name: measurements[name]}).items()))
     summary = summarize(measurements)
     suite = "prefix-quick" if args.quick else "prefix"
-    path = write_result(suite, asdict(cfg), measurements, summary, Path(args.out_dir) if args.out_dir else None)
+    path = write_result(suite, asdict(cfg), measurements, summary, Path(args.out_dir) if args.out_dir else None,
+                        command_line("benchmarks.bench_prefix", argv))
     plot(summary, path.with_suffix(".png"))
     print(f"wrote {path}")
     for k, v in summary.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, median, percentile, write_result
+from benchmarks.common import bar_plot, command_line, median, percentile, write_result
 from engine import LLM, SamplingParams
 from engine.model.default_models import resolve_model
 from engine.scheduler_output import SchedulerOutput
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
                "queue_ping_p50_us": m[f"tp{cfg.tp}"]["queue"]["ping"]["p50_us"],
                "greedy_tokens_identical": float(same)}
     path = write_result("tp-quick" if args.quick else "tp", asdict(cfg), m, summary,
-                        Path(args.out_dir) if args.out_dir else None)
+                        Path(args.out_dir) if args.out_dir else None,
+                        command_line("benchmarks.bench_tp", argv))
     bar_plot(path.with_suffix(".png"), f"TP={cfg.tp} vs TP=1 ({cfg.model}, CPU gloo)",
              [(f"tok/s TP{cfg.tp}/TP1", summary[f"tp{cfg.tp}_over_tp1_tok_per_s"], None),
               ("queue step p50 (ms)", summary["queue_empty_step_p50_us"] / 1000, None)], "value")

@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 # Flags that are not engine_config kwargs: handled by the subcommands themselves.
@@ -125,6 +126,36 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_suites() -> dict[str, str]:
+    """Runnable benchmark modules (bench_* and report) -> first line of their docstring.
+
+    Read with ast, not imported, so listing stays fast and needs no torch.
+    """
+    import ast
+    import benchmarks
+    suites = {}
+    for path in sorted(Path(benchmarks.__file__).parent.glob("*.py")):
+        if path.stem.startswith("bench_") or path.stem == "report":
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            suites[path.stem] = doc.split("\n")[0]
+    return suites
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    suites = bench_suites()
+    if args.list or not args.suite:
+        for name, doc in suites.items():
+            print(f"{name:18s} {doc}")
+        return 0 if args.list else 2
+    # "workloads" is short for "bench_workloads"
+    name = args.suite if args.suite in suites else f"bench_{args.suite}"
+    if name not in suites:
+        raise ValueError(f"unknown benchmark suite {args.suite!r}; choose from {', '.join(suites)}")
+    import importlib
+    importlib.import_module(f"benchmarks.{name}").main(list(args.suite_args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(c)
     add_sampling_flags(c)
     c.set_defaults(fn=cmd_chat)
+    b = sub.add_parser("bench", help="run a benchmark suite (python -m benchmarks.<suite>)",
+                       description="radixserve bench <suite> [suite args...]; --list shows the suites; "
+                                   "<suite> --help shows a suite's own flags")
+    b.add_argument("--list", action="store_true", help="list the suites")
+    b.add_argument("suite", nargs="?", help="e.g. bench_workloads (or workloads), report")
+    b.add_argument("suite_args", nargs=argparse.REMAINDER, help="passed to the suite's main(argv)")
+    b.set_defaults(fn=cmd_bench)
     return parser
 
 
