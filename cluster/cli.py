@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(c)
     add_sampling_flags(c)
     c.set_defaults(fn=cmd_chat)
+    from cluster.serve_cli import add_serve_parser
+    add_serve_parser(sub, add_engine_flags)
     b = sub.add_parser("bench", help="run a benchmark suite (python -m benchmarks.<suite>)",
                        description="radixserve bench <suite> [suite args...]; --list shows the suites; "
                                    "<suite> --help shows a suite's own flags")
