@@ -34,6 +34,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, is_cached=self.tree.holds_block,
                               on_evict=self._evict)
         self.num_evicted_blocks = 0
+        # First block hash of every committed chain -> the root hash (namespace)
+        # it starts from, so a namespace's blocks can be dropped (drop_namespace).
+        self._chain_roots: dict[int, int] = {}
 
     # -- queries ---------------------------------------------------------
 
@@ -96,6 +99,8 @@ class KVCacheManager:
             parent = seq.block_hashes[i - 1] if i else None
             own = seq.block_ids[i]
             node = self.tree.insert(parent, seq.block_hashes[i], own)
+            if i == 0:
+                self._note_chain_root(seq.block_hashes[0], seq.root_hash)
             if node.block_id != own:
                 # Another sequence cached the same block first: adopt its copy
                 # (same tokens, same KV) so every committed block of a sequence
@@ -146,6 +151,43 @@ class KVCacheManager:
             self.pool.free_queue.remove(node.block_id)
             self.pool.free_queue.appendleft(node.block_id)
         return True
+
+    def _note_chain_root(self, first_hash: int, root: int) -> None:
+        self._chain_roots[first_hash] = root
+        if len(self._chain_roots) > 2 * len(self.tree) + 1024:  # amortised pruning of evicted chains
+            self._chain_roots = {h: r for h, r in self._chain_roots.items() if h in self.tree}
+
+    def drop_namespace(self, root: int) -> int:
+        """Evict every unreferenced cached block whose chain starts at ``root``
+        (e.g. an unloaded LoRA adapter's namespace); returns how many.
+
+        Blocks still referenced by live sequences stay: a referenced node's
+        whole prefix is referenced too, so the unreferenced nodes under a chain
+        form whole subtrees, removed leaves first. Their blocks go to the head
+        of the free queue, like never-cached ones.
+        """
+        dropped = 0
+        for first, r in list(self._chain_roots.items()):
+            if r != root:
+                continue
+            del self._chain_roots[first]
+            node = self.tree.get(first)
+            if node is None:
+                continue
+            order, stack = [], [node]
+            while stack:  # pre-order; reversed it visits children before their parent
+                n = stack.pop()
+                order.append(n)
+                stack.extend(n.children.values())
+            for n in reversed(order):
+                if self.pool.ref_cnt[n.block_id] == 0 and n.is_leaf:
+                    self.tree.remove_block(n.block_id)
+                    self.pool.free_queue.remove(n.block_id)
+                    self.pool.free_queue.appendleft(n.block_id)
+                    dropped += 1
+            if first in self.tree:  # still referenced: keep knowing its root
+                self._chain_roots[first] = root
+        return dropped
 
     def check_invariants(self, live: list[Sequence]) -> None:
         """Assert the bookkeeping is consistent with the live sequences (tests, debugging)."""
