@@ -18,6 +18,7 @@ class ScheduledSeq:
     block_ids: list[int]   # block table covering start_pos + len(token_ids) tokens
     prompt_logprobs: int | None = None  # top-k prompt logprobs wanted for these tokens
     next_prompt_token: int = -1  # with prompt_logprobs: the prompt token after this chunk, if any
+    lora_slot: int = -1  # device LoRA slot of the sequence's adapter; -1 = base model
 
 
 @dataclass
@@ -41,6 +42,18 @@ class SampleRow:
 
 
 @dataclass
+class LoRALoad:
+    """Fill device slot ``slot`` with the adapter at ``path`` before this step's
+    forward. Each rank reads its own shard and checks that the weights still
+    hash to ``content_hash`` (the hash the engine validated and namespaced)."""
+
+    slot: int
+    name: str
+    path: str
+    content_hash: str
+
+
+@dataclass
 class SchedulerOutput:
     step_id: int
     seqs: list[ScheduledSeq] = field(default_factory=list)
@@ -48,6 +61,7 @@ class SchedulerOutput:
     new_samplers: list[NewSampler] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # drop their sampling state
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    lora_loads: list[LoRALoad] = field(default_factory=list)  # before the forward, in order
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +69,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.seqs and not self.block_copies
+        return not self.seqs and not self.block_copies and not self.lora_loads
 
 
 @dataclass
@@ -77,8 +91,18 @@ class PromptLogprobs:
 
 
 @dataclass
+class LoRALoadError:
+    """A slot load failed on some rank: the step's forward did not run."""
+
+    slot: int
+    name: str
+    message: str
+
+
+@dataclass
 class StepResult:
     step_id: int
     sampled: list[SampledToken] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     error: str | None = None  # a worker-side failure; the engine fails the step's requests
+    lora_errors: list[LoRALoadError] = field(default_factory=list)  # non-empty: nothing was computed

@@ -92,6 +92,35 @@ def test_triton_matches_reference(case, dtype):
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
 
 
+def test_triton_fused_subprojections_with_column_views():
+    """A fused q/k/v-style layer: one shrink over stacked A, one expand per sub-projection
+    reading a column slice of xa and writing its own column range of y."""
+    from engine.lora.layers import LoRABatch, LoRAContext, LoRALinear, TorchLoRAOps, TritonLoRAOps
+    gen = torch.Generator().manual_seed(1)
+    dev = _device()
+    outs = [32, 16, 16]
+    layers = {}
+    for name, ops in (("torch", TorchLoRAOps()), ("triton", TritonLoRAOps())):
+        ctx = LoRAContext(ops)
+        layers[name] = (ctx, LoRALinear(ctx, ("q", "k", "v"), 24, outs, 3, 8, torch.float32, torch.device(dev)))
+    g2 = torch.Generator().manual_seed(2)
+    for slot in range(3):
+        weights = [(torch.randn(r, 24, generator=g2).to(dev), torch.randn(o, r, generator=g2).to(dev))
+                   if (slot, j) != (1, 1) else None  # slot 1 has no k: stays zero
+                   for j, (o, r) in enumerate(zip(outs, (8, 4, 6)))]
+        for _, layer in layers.values():
+            layer.set_slot(slot, weights)
+    x = torch.randn(23, 24, generator=gen).to(dev)
+    batch = LoRABatch(torch.tensor([0, 3, 10, 11, 23], dtype=torch.int32, device=dev),
+                      torch.tensor([2, -1, 0, 1], dtype=torch.int32, device=dev), 12, frozenset({0, 1, 2}))
+    ys = {}
+    for name, (ctx, layer) in layers.items():
+        ctx.batch = batch
+        ys[name] = layer(x, torch.zeros(23, 64, device=dev))
+    torch.testing.assert_close(ys["triton"], ys["torch"], atol=1e-4, rtol=1e-4)
+    assert ys["torch"][3:10].abs().max() == 0 and ys["torch"][11:, 32:48].abs().max() == 0  # base; slot 1's k
+
+
 def test_launchers_reject_bad_arguments():
     from kernels.lora_matmul import lora_shrink
     x, a, b, indptr, seg, _, longest = make_case([4], [0], 1, 16, 8, 16, torch.float32, _device())
