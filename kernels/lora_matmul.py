@@ -79,28 +79,43 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, seg_indptr: torch.Ten
                     seg_slots: torch.Tensor) -> torch.Tensor:
     """xa [num_tokens, rank] fp32; rows of base-model (slot -1) segments are zero."""
     _check_shrink(x, lora_a, seg_indptr, seg_slots)
-    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    ind = seg_indptr.tolist()
-    for g, slot in enumerate(seg_slots.tolist()):
-        a, b = ind[g], ind[g + 1]
-        if slot < 0 or a == b:
-            continue
-        out[a:b] = (x[a:b] @ lora_a[slot].T).float()  # [rows, in] @ [in, rank]
-    return out
+    return shrink_segments(x, lora_a, seg_indptr.tolist(), seg_slots.tolist())
 
 
 def lora_expand_ref(y: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, seg_indptr: torch.Tensor,
                     seg_slots: torch.Tensor, y_offset: int = 0) -> None:
     """y[rows, y_offset:y_offset+out] += xa[rows] @ B[slot]^T per segment (in place)."""
     _check_expand(y, xa, lora_b, seg_indptr, seg_slots, y_offset)
+    expand_segments(y, xa, lora_b, seg_indptr.tolist(), seg_slots.tolist(), y_offset)
+
+
+def shrink_segments(x: torch.Tensor, lora_a: torch.Tensor, indptr: list[int], slots: list[int]) -> torch.Tensor:
+    """The reference's unchecked core, on host-side segment lists (the engine's CPU
+    path calls it per layer; the segments were built and checked once per step)."""
+    if len(slots) == 1 and slots[0] >= 0 and indptr[0] == 0 and indptr[1] == x.shape[0]:
+        return (x @ lora_a[slots[0]].T).float()  # one adapter for the whole batch
+    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    for g, slot in enumerate(slots):
+        a, b = indptr[g], indptr[g + 1]
+        if slot >= 0 and a < b:
+            out[a:b] = (x[a:b] @ lora_a[slot].T).float()  # [rows, in] @ [in, rank]
+    return out
+
+
+def expand_segments(y: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, indptr: list[int],
+                    slots: list[int], y_offset: int = 0) -> None:
+    """Unchecked core of `lora_expand_ref` (see `shrink_segments`)."""
     n = lora_b.shape[1]
-    ind = seg_indptr.tolist()
-    for g, slot in enumerate(seg_slots.tolist()):
-        a, b = ind[g], ind[g + 1]
+    fused = y.dtype == lora_b.dtype == torch.float32  # fp32: accumulate straight into y
+    for g, slot in enumerate(slots):
+        a, b = indptr[g], indptr[g + 1]
         if slot < 0 or a == b:
             continue
-        delta = xa[a:b] @ lora_b[slot].float().T  # [rows, rank] @ [rank, out], fp32
-        y[a:b, y_offset:y_offset + n] += delta.to(y.dtype)
+        if fused:
+            y[a:b, y_offset:y_offset + n].addmm_(xa[a:b], lora_b[slot].T)
+        else:
+            delta = xa[a:b] @ lora_b[slot].float().T  # [rows, rank] @ [rank, out], fp32
+            y[a:b, y_offset:y_offset + n] += delta.to(y.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton

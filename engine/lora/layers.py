@@ -33,7 +33,9 @@ class LoRABatch:
     seg_indptr: torch.Tensor  # [G+1] int32, on the model's device
     seg_slots: torch.Tensor   # [G] int32
     max_seg_len: int
-    slots: frozenset[int]     # distinct slots in the batch
+    slots: frozenset[int]     # distinct slots >= 0 in the batch
+    indptr_list: list[int]    # the same segments on the host (the torch path loops over them)
+    slots_list: list[int]
 
 
 class TorchLoRAOps:
@@ -42,10 +44,10 @@ class TorchLoRAOps:
     name = "torch"
 
     def shrink(self, x: torch.Tensor, a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-        return lora_matmul.lora_shrink_ref(x, a, batch.seg_indptr, batch.seg_slots)
+        return lora_matmul.shrink_segments(x, a, batch.indptr_list, batch.slots_list)
 
     def expand(self, y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, batch: LoRABatch, offset: int) -> None:
-        lora_matmul.lora_expand_ref(y, xa, b, batch.seg_indptr, batch.seg_slots, offset)
+        lora_matmul.expand_segments(y, xa, b, batch.indptr_list, batch.slots_list, offset)
 
 
 class TritonLoRAOps(TorchLoRAOps):

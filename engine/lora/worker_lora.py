@@ -130,7 +130,7 @@ class WorkerLoRAManager:
         dev = self.device
         self.ctx.batch = LoRABatch(
             torch.tensor(indptr, dtype=torch.int32, device=dev), torch.tensor(slots, dtype=torch.int32, device=dev),
-            max(lengths), frozenset(s for s in slots if s >= 0))
+            max(lengths), frozenset(s for s in slots if s >= 0), list(indptr), list(slots))
 
     def clear_batch(self) -> None:
         self.ctx.batch = None

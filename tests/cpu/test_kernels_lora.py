@@ -51,6 +51,7 @@ CASES = {
     "prefill_long": ([37, 20], [1, 0]),
     "base_between": ([5, 3, 19, 0, 9], [0, -1, 2, 1, -1]),
     "all_base": ([4, 4], [-1, -1]),
+    "one_adapter": ([12], [1]),  # the whole batch on one adapter (the reference's fast path)
 }
 
 
@@ -112,7 +113,8 @@ def test_triton_fused_subprojections_with_column_views():
             layer.set_slot(slot, weights)
     x = torch.randn(23, 24, generator=gen).to(dev)
     batch = LoRABatch(torch.tensor([0, 3, 10, 11, 23], dtype=torch.int32, device=dev),
-                      torch.tensor([2, -1, 0, 1], dtype=torch.int32, device=dev), 12, frozenset({0, 1, 2}))
+                      torch.tensor([2, -1, 0, 1], dtype=torch.int32, device=dev), 12, frozenset({0, 1, 2}),
+                      [0, 3, 10, 11, 23], [2, -1, 0, 1])
     ys = {}
     for name, (ctx, layer) in layers.items():
         ctx.batch = batch

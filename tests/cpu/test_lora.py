@@ -399,6 +399,8 @@ def test_lora_modules_flag_parsing(adapters):
         parse_lora_modules(["just-a-path"])
     cfg = engine_config(enable_lora=True, max_loras=3, lora_modules=[f"x={adapters['qv']}"])
     assert cfg.lora.max_loras == 3 and cfg.lora.lora_modules == (("x", str(adapters["qv"])),)
+    from engine.config import EngineConfig  # the config crosses to TP workers as JSON
+    assert wire.from_plain(EngineConfig, json.loads(json.dumps(wire.to_plain(cfg)))) == cfg
     with pytest.raises(ValueError, match="duplicate adapter names"):
         engine_config(enable_lora=True, lora_modules=["x=/a", "x=/b"])
     from cluster.cli import build_parser, engine_kwargs
