@@ -38,7 +38,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
             continue
         default = param.default
         flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
+        if name == "lora_modules":
+            p.add_argument(flag, nargs="+", default=None, metavar="NAME=PATH",
+                           help="LoRA adapters (PEFT directories) to load at startup; needs --enable-lora true")
+        elif isinstance(default, bool):
             p.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=f"default {default}")
         elif default is None:
             kind = float if "gib" in name or "space" in name else (str if name in ("cache_dir",) else int)

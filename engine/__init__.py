@@ -18,6 +18,8 @@ _EXPORTS = {
     "LLM": "engine.llm",
     "engine_config": "engine.llm",
     "LLMEngine": "engine.llm_engine",
+    "LoRAConfig": "engine.config",
+    "LoRARequest": "engine.lora.request",
     "CompletionOutput": "engine.outputs",
     "Logprob": "engine.outputs",
     "RequestMetrics": "engine.outputs",

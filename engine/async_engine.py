@@ -21,6 +21,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.llm import engine_config
 from engine.llm_engine import LLMEngine
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
@@ -39,6 +40,7 @@ class _Add:
     prompt_token_ids: list[int] | None
     namespace: tuple[str, ...]
     sink: Callable[[RequestOutput | BaseException], None]
+    lora_request: LoRARequest | None = None
     accepted: Future = field(default_factory=Future)
 
 
@@ -73,20 +75,26 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
-                       namespace: Sequence[str] = ()) -> AsyncIterator[RequestOutput]:
+                       namespace: Sequence[str] = (),
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative RequestOutputs until the request finishes.
 
-        Raises ValueError before the first output for an invalid request.
-        Closing the iterator early (a client disconnect) aborts the request
-        and frees its blocks.
+        Raises ValueError before the first output for an invalid request (a bad
+        or unknown adapter included; one named with a path is loaded first,
+        reading it off the engine thread). Closing the iterator early (a client
+        disconnect) aborts the request and frees its blocks.
         """
         self._check_alive()
+        if lora_request is not None and self.engine.lora is not None:
+            to_read = self.engine.lora.pending_read(lora_request)
+            if to_read is not None:
+                await self.load_lora(to_read)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
         add = _Add(rid, prompt, sampling_params or SamplingParams(),
                    list(prompt_token_ids) if prompt_token_ids is not None else None,
-                   tuple(namespace), lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+                   tuple(namespace), lambda item: loop.call_soon_threadsafe(q.put_nowait, item), lora_request)
         self._post(add)
         await asyncio.wrap_future(add.accepted)  # raises the engine's ValueError, if any
         finished = False
@@ -102,6 +110,20 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self._post(_Call(lambda e: self._abort_now(e, rid)))
+
+    async def load_lora(self, lora_request: LoRARequest):
+        """Load (or reload) an adapter: read + validate + hash in a thread, then
+        register it between two steps. ValueError for a bad directory."""
+        if self.engine.lora is None:
+            raise ValueError("LoRA is not enabled on this engine; start it with enable_lora=True")
+        parsed = await asyncio.to_thread(self.engine.lora.read, lora_request)
+        return await self.call(lambda e: e.register_lora(lora_request, parsed))
+
+    async def unload_lora(self, name: str) -> None:
+        await self.call(lambda e: e.unload_lora(name))
+
+    async def list_loras(self) -> list:
+        return await self.call(lambda e: e.list_loras())
 
     async def abort(self, request_id: str) -> None:
         await self.call(lambda e: self._abort_now(e, request_id))
@@ -151,7 +173,8 @@ class AsyncLLMEngine:
             if isinstance(item, _Add):
                 try:
                     self.engine.add_request(item.request_id, item.prompt, item.params,
-                                            item.prompt_token_ids, item.namespace)
+                                            item.prompt_token_ids, item.namespace,
+                                            lora_request=item.lora_request)
                 except Exception as exc:
                     item.accepted.set_exception(exc)
                     continue

@@ -99,11 +99,45 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (PEFT adapters on q/k/v/o/gate/up/down).
+
+    ``max_loras`` adapters are resident in device slots at once (LRU over idle
+    ones); every slot is sized for ``max_lora_rank``. ``max_cpu_loras`` is how
+    many adapters' weight shards each worker keeps in host memory so a slot
+    reload need not read the disk (None = 2 * max_loras). ``lora_modules`` are
+    (name, path) pairs loaded at startup.
+    """
+
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_modules: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
+        _require(1 <= self.max_lora_rank <= 1024, f"max_lora_rank must be in [1, 1024], got {self.max_lora_rank}")
+        _require(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
+                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        names = [name for name, _ in self.lora_modules]
+        _require(all(names), "lora_modules: every adapter needs a non-empty name (name=path)")
+        _require(len(set(names)) == len(names), f"lora_modules: duplicate adapter names in {names}")
+        _require(self.enable_lora or not self.lora_modules,
+                 "lora_modules were given but enable_lora is False; pass enable_lora=True (--enable-lora true)")
+
+    @property
+    def cpu_cache_size(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else 2 * self.max_loras
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     device: str = "auto"  # auto: cuda if available, else cpu
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
 

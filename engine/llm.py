@@ -7,8 +7,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
@@ -24,8 +25,14 @@ def engine_config(model: str = "tiny-llama", *, tensor_parallel_size: int = 1,
                   preemption_mode: str = "auto", dtype: str = "auto", device: str = "auto",
                   seed: int = 0, attention_backend: str = "auto", cache_dir: str | None = None,
                   engine_worker_queue_port: int = 8002, cache_queue_port: int = 8003,
-                  host: str = "127.0.0.1", worker_timeout_s: float = 60.0) -> EngineConfig:
-    """Flat keyword arguments (the CLI flags and LLM(...) kwargs) -> EngineConfig."""
+                  host: str = "127.0.0.1", worker_timeout_s: float = 60.0,
+                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
+                  max_cpu_loras: int | None = None, lora_modules: Any = None) -> EngineConfig:
+    """Flat keyword arguments (the CLI flags and LLM(...) kwargs) -> EngineConfig.
+
+    ``lora_modules``: adapters to load at startup, as ``["name=path", ...]``,
+    ``{name: path}`` or a list of (name, path) pairs / LoRARequests.
+    """
     return EngineConfig(
         model=ModelConfig(model, dtype, max_model_len, seed, cache_dir),
         cache=CacheConfig(block_size, enable_prefix_caching, num_gpu_blocks, gpu_memory_utilization,
@@ -34,7 +41,28 @@ def engine_config(model: str = "tiny-llama", *, tensor_parallel_size: int = 1,
                                   preemption_mode),
         parallel=ParallelConfig(tensor_parallel_size, engine_worker_queue_port, cache_queue_port,
                                 host, worker_timeout_s),
+        lora=LoRAConfig(enable_lora, max_loras, max_lora_rank, max_cpu_loras, parse_lora_modules(lora_modules)),
         device=device, attention_backend=attention_backend)
+
+
+def parse_lora_modules(spec: Any) -> tuple[tuple[str, str], ...]:
+    """``--lora-modules name=path ...`` and friends -> ((name, path), ...)."""
+    if not spec:
+        return ()
+    items = spec.items() if isinstance(spec, dict) else [spec] if isinstance(spec, (str, LoRARequest)) else spec
+    out = []
+    for item in items:
+        if isinstance(item, LoRARequest):
+            out.append((item.lora_name, item.lora_path))
+        elif isinstance(item, str):
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules: expected name=path, got {item!r}")
+            out.append((name, path))
+        else:
+            name, path = item
+            out.append((str(name), str(path)))
+    return tuple(out)
 
 
 class LLM:
@@ -54,37 +82,53 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 prompt_token_ids: Sequence[list[int]] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 prompt_token_ids: Sequence[list[int]] | None = None, use_tqdm: bool = False,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
         A prompt is text, a list of token ids, or ``{"prompt_token_ids": [...]}``.
-        All prompts are validated before any is queued, so a bad one raises
-        ValueError and leaves the engine as it was.
+        ``lora_request`` is one adapter for every prompt or one per prompt (None =
+        base model); an adapter not loaded yet is loaded from its path. All
+        prompts and adapters are validated before any is queued, so a bad one
+        raises ValueError and leaves the engine as it was.
         """
         items = self._normalise_prompts(prompts, prompt_token_ids)
         params = self._normalise_params(sampling_params, len(items))
+        loras = self._normalise_loras(lora_request, len(items))
         ids = [self._tokenize(p) for p in items]
         for token_ids in ids:
             self.engine.validate_prompt(token_ids)
+        for lr in dict.fromkeys(lr for lr in loras if lr is not None):
+            self.engine.resolve_lora(lr)  # loads now: a bad adapter fails before anything is queued
         texts = [p if isinstance(p, str) else p.get("prompt") if isinstance(p, dict) else None
                  for p in items]
         order = []
-        for text, token_ids, sp in zip(texts, ids, params):
+        for text, token_ids, sp, lr in zip(texts, ids, params, loras):
             rid = str(next(self._ids))
-            self.engine.add_request(rid, text, sp, prompt_token_ids=token_ids)
+            self.engine.add_request(rid, text, sp, prompt_token_ids=token_ids, lora_request=lr)
             order.append(rid)
         return self._run(order, use_tqdm)
 
+    def load_lora(self, lora_request: LoRARequest):
+        """Load (or reload with new weights) an adapter; returns its LoRAInfo."""
+        return self.engine.load_lora(lora_request)
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
+
+    def list_loras(self) -> list:
+        return self.engine.list_loras()
+
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, use_tqdm: bool = False,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a batch of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts = [{"prompt_token_ids": tok.encode_chat(c, add_generation_prompt),
                     "prompt": tok.apply_chat_template(c, add_generation_prompt)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _normalise_prompts(self, prompts, prompt_token_ids) -> list[PromptType]:
         if prompt_token_ids is not None:
@@ -96,6 +140,14 @@ class LLM:
         if prompts and all(isinstance(t, int) for t in prompts):
             return [list(prompts)]  # a single prompt given as token ids
         return list(prompts)
+
+    @staticmethod
+    def _normalise_loras(lora, n: int) -> list[LoRARequest | None]:
+        if lora is None or isinstance(lora, (LoRARequest, str)):
+            return [LoRARequest(lora) if isinstance(lora, str) else lora] * n
+        if len(lora) != n:
+            raise ValueError(f"got {len(lora)} lora requests for {n} prompts")
+        return [LoRARequest(r) if isinstance(r, str) else r for r in lora]
 
     @staticmethod
     def _normalise_params(params, n: int) -> list[SamplingParams]:

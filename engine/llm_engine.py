@@ -14,6 +14,7 @@ from engine.cache.kv_manager import KVCacheManager
 from engine.cache_transfer import CacheTransferClient, TransferTask
 from engine.config import EngineConfig
 from engine.executor import Executor, UniprocExecutor, WorkerFailure
+from engine.lora.request import LoRARequest
 from engine.metrics import EngineMetrics
 from engine.model.default_models import resolve_model
 from engine.model.hf_config import load_arch_config
@@ -45,6 +46,12 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         check_host_memory(config)
         self.metrics = EngineMetrics()
+        self.lora = None  # LoRAManager with enable_lora
+        if config.lora.enable_lora:
+            from engine.lora.manager import LoRAManager
+            self.lora = LoRAManager(config.lora, self.arch, lambda root: self.kv.drop_namespace(root))
+            for name, path in config.lora.lora_modules:  # validated before any worker starts
+                self.lora.load(LoRARequest(name, path))
         self.executor = self._make_executor()
         self.transfers: CacheTransferClient | None = None
         try:
@@ -56,7 +63,7 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, self.executor.num_blocks * self.block_size)
         self.events = EventLog(self.engine_id)
         self.kv = self._make_kv(num_cpu_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, self.lora)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.metrics)
         self._seq_ids = itertools.count()
         self._last_stats = (0, 0, 0, 0)
@@ -116,8 +123,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None = None,
                     params: SamplingParams | None = None, prompt_token_ids: Seq[int] | None = None,
-                    namespace: Seq[str] = (), arrival_time: float | None = None) -> Request:
-        """Validate and queue a request; raises ValueError with a clear message."""
+                    namespace: Seq[str] = (), arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> Request:
+        """Validate and queue a request; raises ValueError with a clear message.
+
+        With ``lora_request`` the request runs on that adapter (loaded from its
+        path first if needed) and its blocks live in the adapter's namespace.
+        """
         if self.dead is not None:
             raise RuntimeError(f"engine is down: {self.dead}")
         params = params or SamplingParams()
@@ -127,8 +139,10 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt_token_ids]
         self.validate_prompt(ids)
-        request = Request(request_id, prompt, ids, params, tuple(namespace),
-                          arrival_time if arrival_time is not None else time.monotonic())
+        adapter = self.resolve_lora(lora_request) if lora_request is not None else None
+        namespace = ((adapter.namespace,) if adapter is not None else ()) + tuple(namespace)
+        request = Request(request_id, prompt, ids, params, namespace,
+                          arrival_time if arrival_time is not None else time.monotonic(), lora=adapter)
         self._make_seqs(request)
         self.scheduler.add_request(request)
         self.outputs.add_request(request)
@@ -144,6 +158,38 @@ class LLMEngine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+
+    # -- LoRA adapters -----------------------------------------------------------------
+
+    def _lora_manager(self):
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled on this engine; start it with enable_lora=True")
+        return self.lora
+
+    def resolve_lora(self, lora_request: LoRARequest | str):
+        """The adapter version a new request would run on (loads or reloads it if needed)."""
+        if isinstance(lora_request, str):
+            lora_request = LoRARequest(lora_request)
+        return self._lora_manager().resolve(lora_request)
+
+    def load_lora(self, lora_request: LoRARequest):
+        """Load (or reload: same name, new weights) an adapter; ValueError for a bad directory.
+        Returns its LoRAInfo."""
+        adapter = self._lora_manager().load(lora_request)
+        return next(i for i in self.lora.infos() if i.name == adapter.name)
+
+    def register_lora(self, lora_request: LoRARequest, parsed):
+        """Second half of load_lora, for a ``parsed`` adapter read elsewhere (off the engine thread)."""
+        adapter = self._lora_manager().register(lora_request, parsed)
+        return next(i for i in self.lora.infos() if i.name == adapter.name)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop accepting requests for ``name``. Requests already on it finish on
+        it; its slot and cached blocks are freed once the last one is done."""
+        self._lora_manager().unload(name)
+
+    def list_loras(self) -> list:
+        return self.lora.infos() if self.lora is not None else []
 
     def _make_seqs(self, request: Request) -> None:
         root = root_hash(request.namespace)
@@ -183,7 +229,12 @@ class LLMEngine:
         except Exception as exc:  # a bug or OOM in this step: fail its requests, keep serving
             log.exception("engine step failed")
             result, failed = StepResult(so.step_id, error=f"{type(exc).__name__}: {exc}"), []
+        if result.lora_errors:
+            return failed + self._fail_lora_loads(result)
         if result.error is not None:
+            if self.lora is not None:  # whether the workers applied this step's loads is unknown
+                for ld in so.lora_loads:
+                    self.lora.invalidate_slot(ld.slot)
             return failed + self._fail_step(so, result.error)
         updated = self.scheduler.update(so, result)
         outputs = failed + self.outputs.process(updated, result.prompt_logprobs)
@@ -232,6 +283,8 @@ class LLMEngine:
             outs.append(self.outputs.finish_and_release(request, error=f"worker failure: {error}"))
         self.scheduler.reset_worker_state()
         self.kv.clear_all()
+        if self.lora is not None:  # new workers start with empty adapter slots
+            self.lora.reset_slots()
         try:
             if self.transfers is not None:
                 self.transfers.reset()
@@ -257,6 +310,27 @@ class LLMEngine:
             outs.append(self.outputs.finish_and_release(request, error=error))
         return outs
 
+    def _fail_lora_loads(self, result: StepResult) -> list[RequestOutput]:
+        """Some adapter could not be loaded into its slot, so nothing ran: fail the
+        requests on those adapters (and stop accepting them); every other
+        scheduled sequence simply runs again next step."""
+        failed: dict[int, str] = {}
+        for err in result.lora_errors:
+            adapter = self.lora.fail_slot(err.slot)
+            if adapter is not None:
+                failed[adapter.uid] = f"LoRA adapter {adapter.name!r} could not be loaded: {err.message}"
+                log.error(failed[adapter.uid])
+        outs = []
+        for request in list(self.scheduler.requests.values()):
+            if request.lora is None or request.lora.uid not in failed:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish_seq(seq, "error")
+            self.metrics.inc("num_requests_failed")
+            outs.append(self.outputs.finish_and_release(request, error=failed[request.lora.uid]))
+        return outs
+
     def _record_step(self, seconds: float) -> None:
         m, st = self.metrics, self.scheduler.stats
         m.observe("step_seconds", seconds)
@@ -274,6 +348,12 @@ class LLMEngine:
         m.set("num_requests_waiting", len({s.request.request_id for s in self.scheduler.waiting}))
         m.set("kv_cache_usage_perc", self.kv.usage)
         m.set("num_cached_blocks", len(self.kv.tree))
+        if self.lora is not None:
+            st = self.lora.stats
+            m.set("lora_slot_loads", st.slot_loads)
+            m.set("lora_slot_evictions", st.slot_evictions)
+            m.set("num_loras_loaded", len(self.lora.adapters))
+            m.set("num_loras_resident", self.lora.num_resident)
 
     def snapshot(self):
         """Every cached block and its tiers, as of the last recorded event."""

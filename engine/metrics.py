@@ -78,6 +78,10 @@ _SCALARS = {
     "kv_cache_usage_perc": ("gauge", "Fraction of device KV blocks referenced by live sequences"),
     "cpu_cache_usage_perc": ("gauge", "Fraction of CPU-tier KV blocks in use"),
     "num_cached_blocks": ("gauge", "Blocks held by the radix prefix tree"),
+    "lora_slot_loads": ("counter", "LoRA adapters loaded into a device slot"),
+    "lora_slot_evictions": ("counter", "Idle LoRA adapters evicted from a device slot (LRU)"),
+    "num_loras_loaded": ("gauge", "LoRA adapters registered (accepting requests)"),
+    "num_loras_resident": ("gauge", "LoRA adapters resident in device slots"),
 }
 
 

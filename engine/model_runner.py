@@ -65,6 +65,11 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.model = build_model(arch, model_dir, tp, self.dtype, device, max_positions=max_model_len + 1)
         self.backend = select_backend(config.attention_backend, device)
+        self.lora = None
+        if config.lora.enable_lora:
+            from engine.lora.worker_lora import WorkerLoRAManager
+            self.lora = WorkerLoRAManager(self.model, config.lora, arch, tp, self.dtype, device,
+                                          use_triton=self.backend.name == "triton")
         self.num_kv_heads = arch.num_kv_heads // tp.size
         self.kv_cache: torch.Tensor | None = None
         self.host_cache: torch.Tensor | None = None  # the CPU tier's pool
@@ -148,7 +153,9 @@ class ModelRunner:
 
     def _prepare(self, so: SchedulerOutput) -> StepInputs:
         bs = self.block_size
-        order = sorted(range(len(so.seqs)), key=lambda i: len(so.seqs[i].token_ids) != 1)
+        # Decodes first (attention needs it); with LoRA, each group by adapter slot too,
+        # so every adapter's tokens form few contiguous segments.
+        order = sorted(range(len(so.seqs)), key=lambda i: (len(so.seqs[i].token_ids) != 1, so.seqs[i].lora_slot))
         ids, pos, slots = [], [], []
         first_index, last_index = [0] * len(so.seqs), [0] * len(so.seqs)
         decode_rows, decode_lens, prefill_rows, prefill_lens, qsl = [], [], [], [], [0]
@@ -170,6 +177,8 @@ class ModelRunner:
                 prefill_rows.append(s.block_ids)
                 prefill_lens.append(s.start_pos + n)
                 qsl.append(qsl[-1] + n)
+        if self.lora is not None:
+            self._set_lora_batch(so, order, first_index)
         dev = self.device
         i32 = torch.int32
         meta = AttentionMetadata(
@@ -183,6 +192,18 @@ class ModelRunner:
             prefill_seq_lens=torch.tensor(prefill_lens, dtype=i32, device=dev))
         return StepInputs(torch.from_numpy(np.concatenate(ids)).to(dev),
                           torch.from_numpy(np.concatenate(pos)).to(dev), meta, last_index, first_index)
+
+    def _set_lora_batch(self, so: SchedulerOutput, order: list[int], first_index: list[int]) -> None:
+        indptr, seg_slots = [0], []
+        for i in order:
+            s = so.seqs[i]
+            end = first_index[i] + len(s.token_ids)
+            if seg_slots and seg_slots[-1] == s.lora_slot:
+                indptr[-1] = end
+            else:
+                seg_slots.append(s.lora_slot)
+                indptr.append(end)
+        self.lora.set_batch(indptr, seg_slots)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for seq_id in so.finished_seq_ids:
@@ -205,16 +226,25 @@ class ModelRunner:
             self.backend.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
                                      torch.tensor(dst, device=self.device))
         self._update_states(so)
-        result = self._forward(so) if so.seqs else StepResult(so.step_id)
+        result = StepResult(so.step_id)
+        if so.lora_loads:
+            # A load that fails on any rank skips the forward on every rank; the engine
+            # fails that adapter's requests and reschedules the rest.
+            result.lora_errors = self.lora.apply(so.lora_loads)
+        if so.seqs and not result.lora_errors:
+            self._forward(so, result)
         pending = [t for t in so.wait_transfers if t not in so.transfers_before_forward]
         if pending:  # this step's write-backs must land before any block is reused
             self.transfer.wait(pending, timeout_s=timeout)
         return result
 
-    def _forward(self, so: SchedulerOutput) -> StepResult:
-        result = StepResult(so.step_id)
+    def _forward(self, so: SchedulerOutput, result: StepResult) -> None:
         inputs = self._prepare(so)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend)
+        try:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend)
+        finally:
+            if self.lora is not None:
+                self.lora.clear_batch()
         if so.sample_rows:
             sources = sorted({r.source for r in so.sample_rows})
             row_of = {src: i for i, src in enumerate(sources)}
@@ -226,7 +256,6 @@ class ModelRunner:
                 plp = self._prompt_logprobs(s, hidden[inputs.first_index[i]:inputs.last_index[i] + 1])
                 if plp is not None:
                     result.prompt_logprobs.append(plp)
-        return result
 
     def _sample(self, so: SchedulerOutput, logits: torch.Tensor, row_of: dict[int, int]) -> list[SampledToken]:
         rows = torch.tensor([row_of[r.source] for r in so.sample_rows], device=logits.device)

@@ -12,6 +12,7 @@ import bisect
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.cache.kv_manager import KVCacheManager
 from engine.config import SchedulerConfig
@@ -19,6 +20,9 @@ from engine.detokenizer import check_stop_token
 from engine.scheduler_output import (NewSampler, SampledToken, SampleRow, ScheduledSeq,
                                      SchedulerOutput, StepResult)
 from engine.sequence import Request, Sequence, SeqStatus
+
+if TYPE_CHECKING:
+    from engine.lora.manager import LoRAManager
 
 
 @dataclass
@@ -35,9 +39,10 @@ def _priority(seq: Sequence) -> tuple[float, int]:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 eos_token_ids: frozenset[int]):
+                 eos_token_ids: frozenset[int], lora: LoRAManager | None = None):
         self.config = config
         self.kv = kv
+        self.lora = lora  # adapter slots; None when LoRA is disabled
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
@@ -57,6 +62,8 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already running")
         self.requests[request.request_id] = request
+        if request.lora is not None:
+            self.lora.acquire(request.lora)
         for seq in request.seqs:
             self.seqs[seq.seq_id] = seq
         head, *children = request.seqs
@@ -95,6 +102,8 @@ class Scheduler:
         request = self.requests.pop(request_id)
         for seq in request.seqs:
             self.seqs.pop(seq.seq_id, None)
+        if request.lora is not None:
+            self.lora.release(request.lora)
 
     @property
     def num_waiting(self) -> int:
@@ -159,6 +168,9 @@ class Scheduler:
         # Seats taken: running sequences plus the n>1 children they will fork into.
         used = sum(self._seats(s) for s in self.running) + len(self.swapping)
         inflight = self._inflight_hashes() if self.kv.enable_prefix_caching else set()
+        # LoRA: adapters of running (or swapping-in) sequences keep their slots (uids)
+        pinned = {s.request.lora.uid for s in [*self.running, *self.swapping.values()]
+                  if s.request.lora is not None}
         deferred: list[Sequence] = []
         while self.waiting and budget > 0:
             seq = self.waiting[0]
@@ -182,10 +194,19 @@ class Scheduler:
             n = 0 if swap_in else min(seq.num_tokens - hit_tokens, budget)
             if n < seq.num_tokens - hit_tokens and not swap_in and not self.config.enable_chunked_prefill:
                 break
+            lora = seq.request.lora
+            if lora is not None and not self.lora.can_reserve(lora, pinned):
+                # Every slot is pinned by running adapters: let later requests (base
+                # model, resident adapters) go first; this one retries next step.
+                deferred.append(self.waiting.popleft())
+                continue
             if not self.kv.allocate(seq, n, hit):
                 break
             self.waiting.popleft()
             used += seats
+            if lora is not None:
+                self.lora.reserve_slot(lora, pinned)
+                pinned.add(lora.uid)
             if self.kv.enable_prefix_caching:
                 inflight.update(seq.block_hashes[hit_blocks:])
             if seq.num_cached_tokens < 0:  # first admission: this is the request's prefix hit
@@ -214,7 +235,8 @@ class Scheduler:
         if not preempted:  # admitting while preempting would thrash the pool
             self._schedule_waiting(budget, chosen)
         out = SchedulerOutput(step_id=self._step_id, finished_seq_ids=self._finished_ids,
-                              block_copies=self._pending_copies)
+                              block_copies=self._pending_copies,
+                              lora_loads=self.lora.take_loads() if self.lora is not None else [])
         if self.kv.cpu is not None:
             evicted = self.kv.cpu.flush_evictions()  # blocks this step reuses: copy them out first
             if evicted is not None:
@@ -233,10 +255,15 @@ class Scheduler:
         want_plp = (seq.request.params.prompt_logprobs is not None and seq.index == 0
                     and seq.request.prompt_logprobs is None and start < seq.prompt_len)
         end = start + n
+        lora_slot = -1
+        if seq.request.lora is not None:
+            lora_slot = seq.request.lora.slot
+            assert lora_slot is not None, "a scheduled LoRA sequence must hold a slot"
+            self.lora.touch(seq.request.lora)
         out.seqs.append(ScheduledSeq(
             seq.seq_id, seq.token_ids[start:end], start, list(seq.block_ids),
             seq.request.params.prompt_logprobs if want_plp else None,
-            seq.token_ids[end] if want_plp and end < seq.prompt_len else -1))
+            seq.token_ids[end] if want_plp and end < seq.prompt_len else -1, lora_slot))
         if end < seq.num_tokens:
             return  # a prefill chunk that is not the last one: nothing to sample
         source = len(out.seqs) - 1
@@ -321,6 +348,8 @@ class Scheduler:
         self._has_sampler.clear()
         self._finished_ids.clear()
         self._pending_copies.clear()
+        if self.lora is not None:
+            self.lora.reset_slots()
 
     def fail_all(self) -> list[Request]:
         """Finish every request with an error (the workers died)."""

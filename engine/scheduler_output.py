@@ -18,6 +18,7 @@ class ScheduledSeq:
     block_ids: list[int]   # block table covering start_pos + len(token_ids) tokens
     prompt_logprobs: int | None = None  # top-k prompt logprobs wanted for these tokens
     next_prompt_token: int = -1  # with prompt_logprobs: the prompt token after this chunk, if any
+    lora_slot: int = -1  # device LoRA slot of the sequence's adapter; -1 = base model
 
 
 @dataclass
@@ -41,6 +42,18 @@ class SampleRow:
 
 
 @dataclass
+class LoRALoad:
+    """Fill device slot ``slot`` with the adapter at ``path`` before this step's
+    forward. Each rank reads its own shard and checks that the weights still
+    hash to ``content_hash`` (the hash the engine validated and namespaced)."""
+
+    slot: int
+    name: str
+    path: str
+    content_hash: str
+
+
+@dataclass
 class SchedulerOutput:
     step_id: int
     seqs: list[ScheduledSeq] = field(default_factory=list)
@@ -50,6 +63,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
     wait_transfers: list[int] = field(default_factory=list)  # swap-outs to finish before replying
     transfers_before_forward: list[int] = field(default_factory=list)  # copy-on-evict: before any write
+    lora_loads: list[LoRALoad] = field(default_factory=list)  # before the forward, in order
 
     @property
     def num_tokens(self) -> int:
@@ -57,8 +71,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.seqs and not self.block_copies and not self.wait_transfers \
-            and not self.transfers_before_forward
+        return not (self.seqs or self.block_copies or self.wait_transfers or self.transfers_before_forward
+                    or self.lora_loads)
 
 
 @dataclass
@@ -80,8 +94,18 @@ class PromptLogprobs:
 
 
 @dataclass
+class LoRALoadError:
+    """A slot load failed on some rank: the step's forward did not run."""
+
+    slot: int
+    name: str
+    message: str
+
+
+@dataclass
 class StepResult:
     step_id: int
     sampled: list[SampledToken] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     error: str | None = None  # a worker-side failure; the engine fails the step's requests
+    lora_errors: list[LoRALoadError] = field(default_factory=list)  # non-empty: nothing was computed

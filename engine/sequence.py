@@ -4,9 +4,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.cache.hashing import hash_full_blocks
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.lora.manager import LoRAAdapter
 
 
 class SeqStatus(enum.Enum):
@@ -99,6 +103,7 @@ class Request:
     finished_time: float | None = None
     prompt_logprobs: list | None = None  # set once every prompt position has its logprob
     prompt_logprobs_buffer: list | None = None  # filled chunk by chunk during prefill
+    lora: LoRAAdapter | None = None  # the adapter version it runs on (its namespace is in ``namespace``)
 
     @property
     def prompt_len(self) -> int:

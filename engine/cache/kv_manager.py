@@ -221,6 +221,33 @@ class KVCacheManager:
                 if ready:  # a copy still being written was never announced
                     self.events.record(False, tier, n.block_hash, _parent_hash(n), n.root, EVICTED)
 
+    def drop_namespace(self, root: int) -> int:
+        """Evict every unused cached block whose chain starts at ``root`` (e.g.
+        an unloaded LoRA adapter's namespace), in both tiers; returns how many.
+
+        Blocks still in use (referenced, or in a transfer) stay, with their
+        prefixes: the unused nodes form whole subtrees, removed leaves first.
+        """
+        dropped = 0
+        for top in [n for n in self.tree.nodes() if n.root == root and n.parent is None]:
+            for n in list(top.subtree()):  # children before parents
+                if n.children or self._in_use(n):
+                    continue
+                for pool, block in ((self.pool, n.gpu), (self.cpu.pool if self.cpu else None, n.cpu)):
+                    if block is not None:  # reuse it first, like a never-cached block
+                        pool.free_queue.remove(block)
+                        pool.free_queue.appendleft(block)
+                self.drop_subtree(n)
+                dropped += 1
+        return dropped
+
+    def _in_use(self, n: RadixNode) -> bool:
+        if n.gpu_pending or n.cpu_pending:
+            return True
+        if n.gpu is not None and self.pool.ref_cnt[n.gpu]:
+            return True
+        return n.cpu is not None and self.cpu is not None and self.cpu.pool.ref_cnt[n.cpu] > 0
+
     def check_invariants(self, live: list[Sequence]) -> None:
         """Assert the bookkeeping is consistent with the live sequences (tests, debugging)."""
         refs = [0] * self.pool.num_blocks

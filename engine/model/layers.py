@@ -56,9 +56,11 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, in_features, dtype=dtype, device=device), requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(rows, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.lora: nn.Module | None = None  # engine/lora/layers.LoRALinear when LoRA is enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
     def targets(self, part: int) -> dict[str, ShardTarget]:
         offset = sum(self.local_sizes[:part])
@@ -80,9 +82,13 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local_in, dtype=dtype, device=device), requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.lora: nn.Module | None = None  # engine/lora/layers.LoRALinear when LoRA is enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if self.lora is not None:
+            y = self.lora(x, y)  # this rank's partial LoRA sum joins the all-reduce below
+        y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias  # bias once, after the sum
 
     def targets(self) -> dict[str, ShardTarget]:
