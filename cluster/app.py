@@ -85,7 +85,8 @@ def build_application(cfg: ClusterConfig):
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1000)
-    return ingress.bind(llm, cfg.model, cfg.engine.get("cache_dir"), server)
+    lora_rank = engine_config(cfg.model, **cfg.engine).lora.max_lora_rank if cfg.engine.get("enable_lora") else None
+    return ingress.bind(llm, cfg.model, cfg.engine.get("cache_dir"), server, lora_rank)
 
 
 def build_app(args: dict[str, Any]):

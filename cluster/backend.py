@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -30,19 +31,21 @@ LOCAL_REPLICA_ID = "local"
 
 
 def request_namespace(tenant: str | None, cache_salt: str | None,
-                      adapter: str | None = None) -> tuple[str, ...]:
+                      adapter_namespace: str | None = None) -> tuple[str, ...]:
     """The prefix-cache namespace of a request: its blocks hash under this root
     (engine.cache.hashing.prompt_block_hashes), so a request only ever hits
-    blocks cached by requests of the same tenant, cache salt and adapter. The
+    blocks cached by requests of the same adapter, tenant and cache salt. The
     router hashes prompts with the same namespace to find where they are cached.
+
+    ``adapter_namespace`` is a LoRA adapter's own ``lora:{name}:{content hash}``
+    (what the engine puts first for a request on that adapter); the HTTP layer
+    passes the adapter *name* to the backend instead and lets the engine add it.
     """
-    namespace = []
+    namespace = [adapter_namespace] if adapter_namespace is not None else []
     if tenant is not None:
         namespace.append(f"tenant:{tenant}")
     if cache_salt is not None:
         namespace.append(f"salt:{cache_salt}")
-    if adapter is not None:
-        namespace.append(f"adapter:{adapter}")
     return tuple(namespace)
 
 
@@ -92,7 +95,17 @@ class Backend(ABC):
 
     @abstractmethod
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       namespace: tuple[str, ...], prompt_text: str | None) -> GenerationStream: ...
+                       namespace: tuple[str, ...], prompt_text: str | None,
+                       lora: str | None = None) -> GenerationStream:
+        """``lora`` names a loaded adapter to run the request on (None: the base model)."""
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load (or reload) a LoRA adapter everywhere; ValueError for a bad one."""
+        raise ValueError("this server does not serve LoRA adapters (start it with enable_lora)")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload an adapter; KeyError if it is not loaded."""
+        raise KeyError(name)
 
     @abstractmethod
     async def metrics_text(self) -> str:
@@ -143,13 +156,27 @@ class LocalBackend(Backend):
     def model_name(self) -> str:
         return self._model_name
 
+    def model_names(self) -> list[str]:
+        lora = self.engine.engine.lora
+        return [self.model_name] + (sorted(lora.adapters) if lora is not None else [])
+
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str,
-                       namespace: tuple[str, ...], prompt_text: str | None) -> GenerationStream:
+                       namespace: tuple[str, ...], prompt_text: str | None,
+                       lora: str | None = None) -> GenerationStream:
         if not self.engine.is_healthy():
             raise BackendUnavailableError("the engine is not healthy")
         agen = self.engine.generate(prompt_text, params, request_id,
-                                    prompt_token_ids=list(prompt_token_ids), namespace=namespace)
+                                    prompt_token_ids=list(prompt_token_ids), namespace=namespace,
+                                    lora_request=LoRARequest(lora) if lora else None)
         return _LocalStream(agen)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self.engine.load_lora(LoRARequest(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.engine.engine.lora is None or name not in self.engine.engine.lora.adapters:
+            raise KeyError(name)
+        await self.engine.unload_lora(name)
 
     async def metrics_text(self) -> str:
         # EngineMetrics is lock-protected, so reading it off the engine thread is safe.

@@ -22,7 +22,10 @@ from cluster.metadata import get_metadata_actor
 from cluster.openai_app import ServerConfig, build_app
 from cluster.protocol_wire import GenerateRequest, decode_item, encode_request
 from engine.cache.hashing import prompt_block_hashes
+from engine.lora.adapter import read_adapter
+from engine.lora.manager import adapter_namespace
 from engine.model.default_models import resolve_model
+from engine.model.hf_config import load_arch_config
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -63,11 +66,17 @@ class ClusterStream(GenerationStream):
 
 
 class ClusterBackend(Backend):
-    def __init__(self, handle, info: dict, tokenizer: Tokenizer, model_name: str):
+    def __init__(self, handle, info: dict, tokenizer: Tokenizer, model_name: str,
+                 lora_reader=None):
+        """``lora_reader(path)`` validates an adapter directory and returns its
+        content hash (None: the replicas serve no LoRA)."""
         self._handle = handle.options(stream=True)
         self._info = info
         self._tokenizer = tokenizer
         self._model_name = model_name
+        self._lora_reader = lora_reader
+        self._app_name = serve.get_replica_context().app_name
+        self._adapters: dict[str, str] = {}  # name -> namespace, refreshed with health()
         self._healthy_at = 0.0
         self._healthy = True
 
@@ -87,12 +96,18 @@ class ClusterBackend(Backend):
     def model_name(self) -> str:
         return self._model_name
 
+    def model_names(self) -> list[str]:
+        return [self._model_name] + sorted(self._adapters)
+
     async def generate(self, prompt_token_ids, params: SamplingParams, request_id: str,
-                       namespace: tuple[str, ...], prompt_text: str | None) -> GenerationStream:
+                       namespace: tuple[str, ...], prompt_text: str | None,
+                       lora: str | None = None) -> GenerationStream:
         ids = list(prompt_token_ids)
+        # Hash exactly as the engine will: the adapter's namespace comes first.
+        engine_ns = ((self._adapters[lora],) if lora else ()) + tuple(namespace)
         payload = encode_request(GenerateRequest(
             request_id, ids, prompt_text, params.to_wire(), list(namespace),
-            prompt_block_hashes(ids, self.block_size, namespace)))
+            prompt_block_hashes(ids, self.block_size, engine_ns), lora))
         last: BaseException | None = None
         for attempt in range(_RETRIES):
             response = self._handle.generate.remote(payload)
@@ -108,8 +123,40 @@ class ClusterBackend(Backend):
             return ClusterStream(response, item.output, item.replica_id)
         raise BackendUnavailableError(f"no replica could serve the request: {last}")
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Validate here, publish in the registry, wait until every replica has it."""
+        if self._lora_reader is None:
+            raise ValueError("this cluster serves no LoRA adapters; deploy it with enable_lora: true")
+        content_hash = await asyncio.to_thread(self._lora_reader, path)
+        namespace = adapter_namespace(name, content_hash)
+        actor = get_metadata_actor(self._app_name)
+        await actor.set_adapter.remote(name, path, namespace)
+        await self._await_replicas(actor, name, lambda st: st == namespace, f"loading {name!r}")
+        self._adapters[name] = namespace
+
+    async def unload_adapter(self, name: str) -> None:
+        actor = get_metadata_actor(self._app_name)
+        if not await actor.remove_adapter.remote(name):
+            raise KeyError(name)
+        self._adapters.pop(name, None)
+        await self._await_replicas(actor, name, lambda st: st is None, f"unloading {name!r}")
+
+    @staticmethod
+    async def _await_replicas(actor, name: str, done, what: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = await actor.adapter_status.remote(name)
+            errors = [s for s in status.values() if isinstance(s, str) and s.startswith("error: ")]
+            if errors:
+                raise ValueError(errors[0][len("error: "):])
+            if status and all(done(s) for s in status.values()):
+                return
+            if time.monotonic() > deadline:
+                raise BackendUnavailableError(f"replicas did not finish {what} in {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
+
     async def metrics_text(self) -> str:
-        actor = get_metadata_actor()
+        actor = get_metadata_actor(self._app_name)
         replicas, routers = await actor.metrics.remote()
         parts = []
         for rid, text in sorted(replicas.items()):
@@ -122,7 +169,10 @@ class ClusterBackend(Backend):
         if now - self._healthy_at > _HEALTH_TTL_S:  # cheap: refreshed at most every 2 s
             self._healthy_at = now
             try:
-                self._healthy = bool(await get_metadata_actor().replica_ids.remote())
+                actor = get_metadata_actor(self._app_name)
+                self._healthy = bool(await actor.replica_ids.remote())
+                if self._lora_reader is not None:
+                    self._adapters = await actor.adapters.remote()
             except Exception:
                 self._healthy = False
         return self._healthy
@@ -146,13 +196,18 @@ def _label(text: str, label: str) -> str:
 @serve.ingress()
 class OpenAIIngress:
     async def __init__(self, llm_handle, model: str, cache_dir: str | None = None,
-                       server: dict | None = None):
+                       server: dict | None = None, max_lora_rank: int | None = None):
+        """``max_lora_rank`` set: the replicas serve LoRA adapters (validated here first)."""
         model_dir = resolve_model(model, cache_dir)
         self.tokenizer = Tokenizer(model_dir)
         info = await llm_handle.get_info.remote()
         self.config = ServerConfig(**(server or {}))
         name = self.config.served_model_name or model
-        self.backend = ClusterBackend(llm_handle, info, self.tokenizer, name)
+        reader = None
+        if max_lora_rank is not None:
+            arch = load_arch_config(model_dir)
+            reader = lambda path: read_adapter(path, arch, max_lora_rank).content_hash  # noqa: E731
+        self.backend = ClusterBackend(llm_handle, info, self.tokenizer, name, reader)
 
     def __serve_build_asgi_app__(self):
         return build_app(self.backend, self.config)

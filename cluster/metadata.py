@@ -22,6 +22,12 @@ from engine.cache.events import BlockIndex, EventBatch, Snapshot
 
 ACTOR_NAME = "RadixCacheMetadata"
 ACTOR_NAMESPACE = "radixserve"
+
+
+def actor_name(app_name: str) -> str:
+    """One metadata actor per Serve application: apps may serve different
+    models (different hash fingerprints) and must not see each other's blocks."""
+    return f"{ACTOR_NAME}:{app_name}"
 GPU, CPU = "gpu", "cpu"
 
 
@@ -41,6 +47,16 @@ class Delta:
     version: int
     changes: list[Change] = field(default_factory=list)
     full: dict[str, dict[int, tuple[str, ...]]] | None = None  # set when the caller must reset
+    resident: dict[str, list[str]] = field(default_factory=dict)  # replica -> adapters in device slots
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter the cluster serves (the registry replicas converge to)."""
+
+    name: str
+    path: str
+    namespace: str  # lora:{name}:{content hash}: what prompts on it are hashed under
 
 
 @dataclass
@@ -65,6 +81,10 @@ class CacheDirectory:
         self.max_log = max_log
         self.stale_after_s = stale_after_s
         self.router_metrics: dict[str, str] = {}
+        self.adapters: dict[str, Adapter] = {}
+        self.adapters_version = 0
+        self.replica_adapters: dict[str, dict[str, str]] = {}  # replica -> name -> namespace | "error: ..."
+        self.resident: dict[str, list[str]] = {}
 
     # -- replicas --------------------------------------------------------------------
 
@@ -80,6 +100,8 @@ class CacheDirectory:
         self.replicas[replica] = _Replica(fingerprint)
 
     def drop(self, replica: str) -> None:
+        self.replica_adapters.pop(replica, None)
+        self.resident.pop(replica, None)
         if self.replicas.pop(replica, None) is not None:
             self._append(replica, None, ())
 
@@ -139,16 +161,44 @@ class CacheDirectory:
 
     def pull(self, since: int) -> Delta:
         oldest = self.log[0].version if self.log else self.version + 1
+        resident = dict(self.resident)
         if since >= self.version:
-            return Delta(self.version)
+            return Delta(self.version, resident=resident)
         if since + 1 < oldest:  # the caller missed changes we no longer keep: full state
             full = {r: {h: tuple(sorted(t)) for h, t in st.index.tiers.items()}
                     for r, st in self.replicas.items()}
-            return Delta(self.version, full=full)
-        return Delta(self.version, [c for c in self.log if c.version > since])
+            return Delta(self.version, full=full, resident=resident)
+        return Delta(self.version, [c for c in self.log if c.version > since], resident=resident)
 
     def replica_ids(self) -> list[str]:
         return sorted(self.replicas)
+
+    # -- LoRA adapter registry ----------------------------------------------------------------
+
+    def set_adapter(self, adapter: Adapter) -> None:
+        self.adapters[adapter.name] = adapter
+        self.adapters_version += 1
+
+    def remove_adapter(self, name: str) -> bool:
+        if self.adapters.pop(name, None) is None:
+            return False
+        self.adapters_version += 1
+        return True
+
+    def adapter_sync(self, replica: str, known_version: int) -> tuple[int, list[Adapter]] | None:
+        """What a replica should have loaded, when it changed since ``known_version``."""
+        if known_version == self.adapters_version:
+            return None
+        return self.adapters_version, list(self.adapters.values())
+
+    def report_adapters(self, replica: str, loaded: dict[str, str], resident: list[str]) -> None:
+        if replica in self.replicas:
+            self.replica_adapters[replica] = dict(loaded)
+            self.resident[replica] = list(resident)
+
+    def adapter_status(self, name: str) -> dict[str, str | None]:
+        """Per live replica: the adapter's namespace there, an error, or None (not yet)."""
+        return {r: self.replica_adapters.get(r, {}).get(name) for r in self.replicas}
 
     def metrics_texts(self) -> dict[str, str]:
         return {r: st.metrics_text for r, st in self.replicas.items()}
@@ -160,6 +210,7 @@ class LocalIndex:
     def __init__(self) -> None:
         self.version = 0
         self.blocks: dict[str, dict[int, tuple[str, ...]]] = {}
+        self.resident: dict[str, list[str]] = {}
 
     def apply(self, delta: Delta) -> None:
         if delta.full is not None:
@@ -172,6 +223,7 @@ class LocalIndex:
             else:
                 self.blocks.get(c.replica, {}).pop(c.block_hash, None)
         self.version = delta.version
+        self.resident = delta.resident
 
     def hit(self, replica: str, block_hashes: list[int]) -> tuple[int, int]:
         """(device blocks, CPU-only blocks) of the longest cached prefix on a replica."""
@@ -225,14 +277,32 @@ def make_actor_class():
         def replica_ids(self) -> list[str]:
             return self.dir.replica_ids()
 
+        def set_adapter(self, name: str, path: str, namespace: str) -> None:
+            self.dir.set_adapter(Adapter(name, path, namespace))
+
+        def remove_adapter(self, name: str) -> bool:
+            return self.dir.remove_adapter(name)
+
+        def adapter_sync(self, replica: str, known_version: int) -> tuple[int, list[tuple[str, str]]] | None:
+            got = self.dir.adapter_sync(replica, known_version)
+            return None if got is None else (got[0], [(a.name, a.path) for a in got[1]])
+
+        def report_adapters(self, replica: str, loaded: dict[str, str], resident: list[str]) -> None:
+            self.dir.report_adapters(replica, loaded, resident)
+
+        def adapters(self) -> dict[str, str]:
+            return {a.name: a.namespace for a in self.dir.adapters.values()}
+
+        def adapter_status(self, name: str) -> dict[str, str | None]:
+            return self.dir.adapter_status(name)
+
     return RadixCacheMetadata
 
 
-def get_metadata_actor(stale_after_s: float = 30.0):
-    """The one named metadata actor, created on first use by whoever gets there first."""
-    import ray
+def get_metadata_actor(app_name: str, stale_after_s: float = 30.0):
+    """The application's named metadata actor, created on first use by whoever gets there first."""
     cls = make_actor_class()
-    return cls.options(name=ACTOR_NAME, namespace=ACTOR_NAMESPACE, get_if_exists=True,
+    return cls.options(name=actor_name(app_name), namespace=ACTOR_NAMESPACE, get_if_exists=True,
                        lifetime="detached").remote(stale_after_s)
 
 

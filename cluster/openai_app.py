@@ -27,6 +27,7 @@ from cluster.openai_render import ChatStreamer, CompletionStreamer, TokenText, c
 from cluster.openai_serving import (APIError, ClientDisconnected, Job, SSEResponse, open_streams,
                                     run_to_end, sse_events, unavailable, until_disconnect)
 from cluster.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                              LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest,
                               DetokenizeResponse, ModelCard, ModelList, RequestError, TokenizeRequest,
                               TokenizeResponse, chat_messages, chat_sampling_params, check_supported,
                               completion_prompts, completion_sampling_params, resolve_max_tokens)
@@ -222,7 +223,7 @@ def _encode_chat(tok: Tokenizer, messages: list[dict[str, str]],
 
 
 def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
-                     namespace: tuple[str, ...]) -> list[Job]:
+                     namespace: tuple[str, ...], lora: str | None) -> list[Job]:
     tok, limit = _backend(request).tokenizer, _max_model_len(request)
     jobs = []
     for i, prompt in enumerate(completion_prompts(body)):
@@ -231,7 +232,7 @@ def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
             raise RequestError("the prompt is empty", param="prompt")
         _check_vocab(tok, ids)
         max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), limit, "prompt")
-        jobs.append(Job(ids, text, completion_sampling_params(body, max_tokens), f"{rid}-{i}", namespace))
+        jobs.append(Job(ids, text, completion_sampling_params(body, max_tokens), f"{rid}-{i}", namespace, lora))
     return jobs
 
 
@@ -243,22 +244,25 @@ def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
                            param="prompt")
 
 
-def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...]) -> Job:
+def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...],
+              lora: str | None) -> Job:
     tok = _backend(request).tokenizer
     ids, text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt is not False)
     if not ids:
         raise RequestError("the rendered chat prompt is empty", param="messages")
     max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), _max_model_len(request), "messages")
-    return Job(ids, text, chat_sampling_params(body, max_tokens), f"{rid}-0", namespace)
+    return Job(ids, text, chat_sampling_params(body, max_tokens), f"{rid}-0", namespace, lora)
 
 
 async def _prepare(request: Request, body: CompletionRequest | ChatCompletionRequest,
-                   tenant: str | None) -> tuple[str, tuple[str, ...]]:
-    """Checks shared by both generation endpoints -> (model name to report, cache namespace)."""
+                   tenant: str | None) -> tuple[str, tuple[str, ...], str | None]:
+    """Checks shared by both generation endpoints -> (model name to report, cache
+    namespace, LoRA adapter or None). The engine puts the adapter's own
+    content-hashed namespace in front of the returned one."""
     check_supported(body)
     model, adapter = _resolve_model(request, body.model)
     await _require_healthy(_backend(request))
-    return model, request_namespace(tenant, body.cache_salt, adapter)
+    return model, request_namespace(tenant, body.cache_salt), adapter
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -273,14 +277,16 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"])
+    app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])
 
 
 async def create_completion(body: CompletionRequest, request: Request,
                             tenant: str | None = Depends(tenant_of)) -> Response:
-    model, namespace = await _prepare(request, body, tenant)
+    model, namespace, lora = await _prepare(request, body, tenant)
     backend, config = _backend(request), _config(request)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    jobs = _completion_jobs(request, body, rid, namespace)
+    jobs = _completion_jobs(request, body, rid, namespace, lora)
     n, logprobs, echo = jobs[0].params.n, body.logprobs is not None, bool(body.echo)
     text = TokenText(backend.tokenizer, jobs[0].params.skip_special_tokens)
     if body.wants_stream:
@@ -300,10 +306,10 @@ async def create_completion(body: CompletionRequest, request: Request,
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  tenant: str | None = Depends(tenant_of)) -> Response:
-    model, namespace = await _prepare(request, body, tenant)
+    model, namespace, lora = await _prepare(request, body, tenant)
     backend, config = _backend(request), _config(request)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    job = _chat_job(request, body, rid, namespace)
+    job = _chat_job(request, body, rid, namespace, lora)
     top = job.params.logprobs  # None unless logprobs=true
     text = TokenText(backend.tokenizer, job.params.skip_special_tokens)
     if body.wants_stream:
@@ -319,6 +325,28 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     out, replica = await until_disconnect(request, work(), config.disconnect_poll_s)
     resp = chat_response(rid, created, model, out, top, text)
     return JSONResponse(resp.model_dump(mode="json"), headers=_headers(request, rid, [replica]))
+
+
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request,
+                            _: str | None = Depends(tenant_of)) -> PlainTextResponse:
+    """Load (or reload with new weights) an adapter on every replica; 400 for a bad one."""
+    if body.lora_name in (_base_name(request), _backend(request).model_name):
+        raise APIError(400, f"'{body.lora_name}' is the base model's name", param="lora_name")
+    try:
+        await _backend(request).load_adapter(body.lora_name, body.lora_path)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="lora_path") from exc
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request,
+                              _: str | None = Depends(tenant_of)) -> PlainTextResponse:
+    try:
+        await _backend(request).unload_adapter(body.lora_name)
+    except KeyError as exc:
+        raise APIError(404, f"The LoRA adapter `{body.lora_name}` is not loaded.", param="lora_name",
+                       code="model_not_found") from exc
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:

@@ -88,6 +88,7 @@ class Job:
     params: SamplingParams
     request_id: str
     namespace: tuple[str, ...]
+    lora: str | None = None  # adapter name (None: base model)
 
 
 @dataclass
@@ -117,7 +118,7 @@ async def open_streams(backend: Backend, jobs: list[Job]) -> list[Opened]:
         with backend_errors():
             for job in jobs:
                 streams.append(await backend.generate(job.token_ids, job.params, job.request_id,
-                                                      job.namespace, job.text))
+                                                      job.namespace, job.text, job.lora))
             opened = []
             for s in streams:
                 try:

@@ -19,6 +19,7 @@ class GenerateRequest:
     params: dict  # SamplingParams.to_wire()
     namespace: list[str]
     block_hashes: list[int]  # computed by the ingress exactly as the engine will: what the router reads
+    lora: str | None = None  # LoRA adapter name (None: the base model)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class RoutingInfo:
     block_hashes: list[int]
     prompt_head: list[int]  # the first tokens: keys rendezvous hashing for prompts under one block
     prompt_len: int
+    lora: str | None = None
 
 
 def encode_request(req: GenerateRequest) -> bytes:
@@ -44,7 +46,7 @@ def decode_request(data: bytes) -> GenerateRequest:
 
 def routing_info(data: bytes) -> RoutingInfo:
     req = decode_request(data)
-    return RoutingInfo(req.block_hashes, req.prompt_token_ids[:16], len(req.prompt_token_ids))
+    return RoutingInfo(req.block_hashes, req.prompt_token_ids[:16], len(req.prompt_token_ids), req.lora)
 
 
 def encode_item(item: StreamItem) -> bytes:

@@ -22,6 +22,7 @@ from cluster.protocol_wire import StreamItem, decode_request, encode_item
 from engine.async_engine import AsyncLLMEngine
 from engine.cache.hashing import HASH_SCHEME_VERSION
 from engine.llm import engine_config
+from engine.lora.request import LoRARequest
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,12 @@ class LLMServer:
                                 core.arch.vocab_size, str(core.model_dir),
                                 fingerprint(str(core.model_dir), core.block_size),
                                 ray.get_runtime_context().get_node_id(), os.getpid())
-        self.metadata = get_metadata_actor()
+        self.metadata = get_metadata_actor(ctx.app_name)
         ray.get(self.metadata.register.remote(self.replica_id, self.info.fingerprint))
         self.publish_interval_s = publish_interval_s
         self._publisher: asyncio.Task | None = None
+        self._adapters_version = -1  # the registry version this replica last converged to
+        self._adapter_errors: dict[str, str] = {}
 
     def _ensure_publisher(self) -> None:
         if self._publisher is None or self._publisher.done():
@@ -89,9 +92,36 @@ class LLMServer:
                 if not ok:  # the actor missed events (or just met us): send the whole state
                     snap = await self.engine.call(lambda e: e.snapshot())
                     await self.metadata.push_snapshot.remote(self.replica_id, encode_snapshot(snap))
+                if self.engine.engine.lora is not None:
+                    await self._sync_adapters()
             except Exception:
                 log.exception("publishing block events failed; retrying")
             await asyncio.sleep(self.publish_interval_s)
+
+    async def _sync_adapters(self) -> None:
+        """Converge to the cluster's adapter registry, then report what is loaded
+        (namespace per adapter, or the error) and what sits in device slots."""
+        got = await self.metadata.adapter_sync.remote(self.replica_id, self._adapters_version)
+        lora = self.engine.engine.lora
+        if got is not None:
+            version, wanted = got
+            want = dict(wanted)
+            for name in [n for n in lora.adapters if n not in want]:
+                await self.engine.unload_lora(name)
+                self._adapter_errors.pop(name, None)
+            for name, path in want.items():
+                cur = lora.adapters.get(name)
+                if cur is not None and cur.path == path:
+                    continue
+                try:
+                    await self.engine.load_lora(LoRARequest(name, path))
+                    self._adapter_errors.pop(name, None)
+                except ValueError as exc:
+                    self._adapter_errors[name] = f"error: {exc}"
+            self._adapters_version = version
+        loaded = {n: a.namespace for n, a in lora.adapters.items()}
+        resident = [a.name for a in lora.slots if a is not None]
+        await self.metadata.report_adapters.remote(self.replica_id, {**loaded, **self._adapter_errors}, resident)
 
     async def get_info(self) -> dict:
         self._ensure_publisher()
@@ -102,9 +132,14 @@ class LLMServer:
         self._ensure_publisher()
         req = decode_request(payload)
         params = SamplingParams.from_wire(req.params)
+        lora = None
+        if req.lora is not None:
+            if self.engine.engine.lora is not None and req.lora not in self.engine.engine.lora.adapters:
+                await self._sync_adapters()  # loaded in the cluster moments ago
+            lora = LoRARequest(req.lora)
         async for out in self.engine.generate(req.prompt_text, params, req.request_id,
                                               prompt_token_ids=req.prompt_token_ids,
-                                              namespace=req.namespace):
+                                              namespace=req.namespace, lora_request=lora):
             yield encode_item(StreamItem(self.replica_id, out))
 
     async def metrics(self) -> str:

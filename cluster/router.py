@@ -21,7 +21,7 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID,
                                       RequestRouter, RunningReplica)
 
-from cluster.metadata import ACTOR_NAME, ACTOR_NAMESPACE, LocalIndex, decode_delta
+from cluster.metadata import ACTOR_NAMESPACE, LocalIndex, actor_name, decode_delta
 from cluster.protocol_wire import RoutingInfo, routing_info
 from cluster.routing import ReplicaState, RouterConfig, RoutingPolicy
 
@@ -60,7 +60,8 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         while True:
             try:
                 if self._actor is None:
-                    self._actor = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+                    self._actor = ray.get_actor(actor_name(self._deployment_id.app_name),
+                                                namespace=ACTOR_NAMESPACE)
                 self.index.apply(decode_delta(await self._actor.pull.remote(self.index.version)))
                 n += 1
                 if n % _REPORT_EVERY == 0:
@@ -79,7 +80,9 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         for r in replicas:
             rid = r.replica_id.unique_id
             gpu, cpu = self.index.hit(rid, info.block_hashes)
-            out.append(ReplicaState(rid, gpu, cpu, self.inflight[rid], self.queued[rid]))
+            # an adapter outside the replica's device slots must be loaded first
+            cold = info.lora is not None and info.lora not in self.index.resident.get(rid, ())
+            out.append(ReplicaState(rid, gpu, cpu, self.inflight[rid], self.queued[rid], cold))
         return out
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],

@@ -7,6 +7,10 @@ The cost of sending a request to replica r, in tokens:
                   + cpu_copy_cost * block_size * cpu_hit(r)
     queued(r)   = work already routed to r and not finished (its uncached
                   prompt tokens plus expected output tokens)
+    + adapter_load_tokens when the request's LoRA adapter is not resident on r
+
+Prefix hits are per adapter by construction: the prompt's block hashes are
+computed in the adapter's namespace, exactly as the engine caches them.
 
 gpu_hit / cpu_hit: length of the prompt's longest cached prefix on r, in
 blocks, from the device tier and then the CPU tier (a CPU-tier block must be
@@ -41,6 +45,7 @@ class RouterConfig:
     min_hit_fraction: float = 0.1    # below this, a hit is not worth breaking rendezvous
     rendezvous_blocks: int = 4       # prefix blocks that key rendezvous hashing
     expected_output_tokens: int = 128  # queued work per in-flight request, beyond its prompt
+    adapter_load_tokens: int = 256   # cost of loading a LoRA adapter into a replica's device slot
     sync_interval_s: float = 0.05    # how often the router pulls metadata deltas
 
     def __post_init__(self) -> None:
@@ -61,6 +66,7 @@ class ReplicaState:
     cpu_hit: int     # blocks
     inflight: int    # requests routed and not finished
     queued_tokens: int
+    adapter_cold: bool = False  # the request's LoRA adapter is not in this replica's device slots
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class RoutingPolicy:
         bs = self.config.block_size
         cached = min(prompt_tokens, bs * (s.gpu_hit + s.cpu_hit))
         uncached = prompt_tokens - cached + self.config.cpu_copy_cost * bs * s.cpu_hit
-        return uncached + s.queued_tokens
+        return uncached + s.queued_tokens + (self.config.adapter_load_tokens if s.adapter_cold else 0)
 
     def within_load_bound(self, states: list[ReplicaState]) -> list[ReplicaState]:
         mean = sum(s.inflight for s in states) / len(states)

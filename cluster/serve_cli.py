@@ -69,17 +69,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     serve.shutdown()
-    _kill_metadata_actor()
+    kill_metadata_actor(args.app_name)
     ray.shutdown()
     return 0
 
 
-def _kill_metadata_actor() -> None:
+def kill_metadata_actor(app_name: str) -> None:
+    """The metadata actor is detached (it outlives replicas); stop it with the app."""
     import ray
 
-    from cluster.metadata import ACTOR_NAME, ACTOR_NAMESPACE
+    from cluster.metadata import ACTOR_NAMESPACE, actor_name
     try:
-        ray.kill(ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE))
+        ray.kill(ray.get_actor(actor_name(app_name), namespace=ACTOR_NAMESPACE))
     except ValueError:
         pass
 

@@ -49,7 +49,7 @@ class LLMEngine:
         self.lora = None  # LoRAManager with enable_lora
         if config.lora.enable_lora:
             from engine.lora.manager import LoRAManager
-            self.lora = LoRAManager(config.lora, self.arch, lambda root: self.kv.drop_namespace(root))
+            self.lora = LoRAManager(config.lora, self.arch, lambda ns: self.kv.drop_namespace(ns))
             for name, path in config.lora.lora_modules:  # validated before any worker starts
                 self.lora.load(LoRARequest(name, path))
         self.executor = self._make_executor()

@@ -49,6 +49,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, is_cached=self.tree.holds_block, on_evict=self._evict_gpu)
         self.cpu = CpuTier(self, num_cpu_blocks, demote_window) if num_cpu_blocks else None
         self.num_evicted_blocks = 0
+        self.namespaces: dict[int, tuple[str, ...]] = {}  # root hash -> the namespace it hashes
 
     # -- queries -------------------------------------------------------------------
 
@@ -123,6 +124,8 @@ class KVCacheManager:
             if existing is not None and existing.gpu_pending:
                 break  # its copy is still being swapped in: commit on a later step
             fresh = existing is None or existing.gpu is None
+            if i == 0:
+                self.namespaces.setdefault(seq.root_hash, tuple(seq.request.namespace))
             node = self.tree.insert(parent, seq.root_hash, seq.block_hashes[i], own)
             if fresh:
                 self.events.record(True, GPU, node.block_hash, parent, node.root, STORED)
@@ -221,15 +224,17 @@ class KVCacheManager:
                 if ready:  # a copy still being written was never announced
                     self.events.record(False, tier, n.block_hash, _parent_hash(n), n.root, EVICTED)
 
-    def drop_namespace(self, root: int) -> int:
-        """Evict every unused cached block whose chain starts at ``root`` (e.g.
-        an unloaded LoRA adapter's namespace), in both tiers; returns how many.
+    def drop_namespace(self, prefix: str) -> int:
+        """Evict every unused cached block of the namespaces that start with
+        ``prefix`` (e.g. an unloaded LoRA adapter's, under any tenant or cache
+        salt), in both tiers; returns how many.
 
         Blocks still in use (referenced, or in a transfer) stay, with their
         prefixes: the unused nodes form whole subtrees, removed leaves first.
         """
+        roots = {r for r, ns in self.namespaces.items() if ns[:1] == (prefix,)}
         dropped = 0
-        for top in [n for n in self.tree.nodes() if n.root == root and n.parent is None]:
+        for top in [n for n in self.tree.nodes() if n.root in roots and n.parent is None]:
             for n in list(top.subtree()):  # children before parents
                 if n.children or self._in_use(n):
                     continue

@@ -67,8 +67,15 @@ class LoRAAdapter:
     root_hash: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.namespace = f"lora:{self.name}:{self.content_hash[:16]}"
+        self.namespace = adapter_namespace(self.name, self.content_hash)
         self.root_hash = root_hash((self.namespace,))
+
+
+def adapter_namespace(name: str, content_hash: str) -> str:
+    """The prefix-cache namespace of one adapter version: name + weights, so a
+    reload with other weights under the same name never hits stale blocks.
+    The cluster's router hashes prompts with it too."""
+    return f"lora:{name}:{content_hash[:16]}"
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,9 @@ class LoRAStats:
 
 class LoRAManager:
     def __init__(self, config: LoRAConfig, arch: ArchConfig, drop_namespace: Callable[[int], int]):
-        """``drop_namespace(root_hash)`` evicts a namespace's unreferenced cached blocks."""
+        """``drop_namespace(ns)`` evicts the unreferenced cached blocks of every
+        cache namespace that starts with the adapter's ``ns`` (tenants and cache
+        salts extend it)."""
         self.config = config
         self.arch = arch
         self._drop_namespace = drop_namespace
@@ -186,7 +195,7 @@ class LoRAManager:
             self._vacate(adapter.slot)
         live = [*self.adapters.values(), *self._draining.values()]
         if not any(a.root_hash == adapter.root_hash for a in live):  # same name + weights reloaded: keep
-            self.stats.dropped_blocks += self._drop_namespace(adapter.root_hash)
+            self.stats.dropped_blocks += self._drop_namespace(adapter.namespace)
 
     # -- requests --------------------------------------------------------------------------
 

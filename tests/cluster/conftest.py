@@ -40,7 +40,7 @@ def cluster(tmp_path_factory):
     from ray import serve
 
     from cluster.app import ClusterConfig, build_application
-    from cluster.serve_cli import _kill_metadata_actor
+    from cluster.serve_cli import kill_metadata_actor
     from engine.model.default_models import resolve_model
     cache = str(tmp_path_factory.mktemp("cluster-models"))
     model_dir = resolve_model("tiny-llama", cache)
@@ -49,7 +49,7 @@ def cluster(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = yaml.safe_load((ROOT / "ray_configs" / "serve.yaml").read_text())["applications"][0]["args"]
     args.update(cache_dir=cache, num_gpu_blocks=96, max_model_len=1024, api_keys=KEYS,
-                engine_worker_queue_port=0, cache_queue_port=0)
+                engine_worker_queue_port=0, cache_queue_port=0, enable_lora=True, max_loras=2)
     serve.run(build_application(ClusterConfig.from_args(args)), name="radixserve", route_prefix="/")
     tp2 = ClusterConfig(model="tiny-llama", num_replicas=1,
                         engine={"cache_dir": cache, "tensor_parallel_size": 2, "max_model_len": 1024,
@@ -59,5 +59,6 @@ def cluster(tmp_path_factory):
     yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/tp2", handle, model_dir, cache,
                   ctx.address_info["gcs_address"])
     serve.shutdown()
-    _kill_metadata_actor()
+    for app in ("radixserve", "radixserve-tp2"):
+        kill_metadata_actor(app)
     ray.shutdown()

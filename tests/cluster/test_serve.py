@@ -20,6 +20,8 @@ NS_A = ("tenant:tenant-a",)
 
 def complete(c: httpx.Client, prompt, key="key-a", **kw) -> httpx.Response:
     body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 6, "temperature": 0, **kw}
+    if "model" in kw:
+        body["model"] = kw["model"]
     return c.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
 
 
@@ -204,6 +206,31 @@ def test_load_200_concurrent_streams_no_errors_no_leaks(cluster):
     for rid, (info, _) in states.items():
         if rid in before:
             assert _rss_mb(info["pid"]) < before[rid] * 1.5 + 100  # memory back near its start
+
+
+def test_lora_adapter_loaded_on_every_replica_and_served(cluster, tmp_path):
+    from engine.lora.request import LoRARequest
+    from engine.model.hf_config import load_arch_config
+
+    from tests.cpu.test_lora import write_adapter
+    path = write_adapter(tmp_path / "sql", load_arch_config(cluster.model_dir), seed=3)
+    c = client(cluster)
+    r = c.post("/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "sql", "lora_path": str(path)})
+    assert r.status_code == 200, r.text
+    assert "sql" in [m["id"] for m in c.get("/v1/models", headers=AUTH).json()["data"]]
+    prompt = "Select every order placed last week by customers in Lisbon."
+    ref = LLM(str(cluster.model_dir), enable_lora=True).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=6), lora_request=LoRARequest("sql", str(path)))[0]
+    seen = set()
+    for _ in range(3):
+        out = complete(c, prompt, model="sql")
+        assert out.status_code == 200 and out.json()["choices"][0]["text"] == ref.outputs[0].text
+        seen.add(out.headers["x-radixserve-replica"])
+    assert complete(c, prompt).json()["choices"][0]["text"] != ref.outputs[0].text  # base model differs
+    bad = c.post("/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "bad", "lora_path": str(tmp_path)})
+    assert bad.status_code == 400
+    assert c.post("/v1/unload_lora_adapter", headers=AUTH, json={"lora_name": "sql"}).status_code == 200
+    assert complete(c, prompt, model="sql").status_code == 404
 
 
 @pytest.mark.order("last")

@@ -2,7 +2,6 @@
 (what unloading a LoRA adapter does), leaving other namespaces and referenced blocks."""
 from __future__ import annotations
 
-from engine.cache.hashing import root_hash
 from engine.cache.kv_manager import KVCacheManager
 
 from .test_kv_cache import compute, make_seq
@@ -18,12 +17,12 @@ def test_drop_namespace_evicts_only_that_namespace_unreferenced():
     kv.free(b)
     n = len(kv.tree)
     # a2 still holds the shared first two blocks and its third; a1's own third block is free
-    assert kv.drop_namespace(root_hash(("lora:a:1",))) == 1
+    assert kv.drop_namespace("lora:a:1") == 1
     assert len(kv.tree) == n - 1 and kv.tree.get(b.block_hashes[0]) is not None
     kv.check_invariants([a2])
     kv.free(a2)
-    assert kv.drop_namespace(root_hash(("lora:a:1",))) == 3
-    assert kv.drop_namespace(root_hash(("lora:a:1",))) == 0
+    assert kv.drop_namespace("lora:a:1") == 3
+    assert kv.drop_namespace("lora:a:1") == 0
     assert len(kv.tree) == 3  # b's three blocks
     kv.check_invariants([])
 
@@ -35,7 +34,7 @@ def test_dropped_blocks_are_plain_free():
         compute(kv, s, s.num_tokens)
         kv.free(s)
     cached = len(kv.tree)
-    dropped = kv.drop_namespace(root_hash(("lora:x:1",)))
+    dropped = kv.drop_namespace("lora:x:1")
     assert dropped == cached - len(kv.tree) > 0
     head = [kv.pool.free_queue.popleft() for _ in range(dropped)]  # handed out first, no eviction needed
     assert not any(kv.tree.holds_block(b) for b in head)
@@ -54,8 +53,18 @@ def test_drop_namespace_covers_the_cpu_tier_and_events():
     kv.cpu.take_started()
     kv.cpu.complete(t.task_id, True)
     assert kv.tree.num_cpu == 3
-    assert kv.drop_namespace(root_hash(("lora:a:1",))) == 3
+    assert kv.drop_namespace("lora:a:1") == 3
     assert len(kv.tree) == 0 and kv.cpu.pool.num_free == 16
     index = BlockIndex()
     assert index.apply(log.drain()) and index.tiers == tree_tiers(kv) == {}
     kv.check_invariants([])
+
+
+def test_drop_namespace_reaches_every_tenant_of_the_adapter():
+    kv = KVCacheManager(32, 4, True)
+    for ns in (("lora:a:1", "tenant:x"), ("lora:a:1", "tenant:y"), ("lora:b:2", "tenant:x")):
+        s = make_seq(list(range(9)), ns)
+        compute(kv, s, s.num_tokens)
+        kv.free(s)
+    assert kv.drop_namespace("lora:a:1") == 4
+    assert len(kv.tree) == 2

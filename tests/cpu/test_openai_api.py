@@ -285,7 +285,7 @@ def test_cache_salt_isolates(http, url):
 def test_request_namespace():
     assert request_namespace(None, None) == ()
     assert request_namespace("alice", None) == ("tenant:alice",)
-    assert request_namespace("alice", "x", "lora1") == ("tenant:alice", "salt:x", "adapter:lora1")
+    assert request_namespace("alice", "x", "lora:a:12ab") == ("lora:a:12ab", "tenant:alice", "salt:x")
     assert request_namespace(None, "x") == ("salt:x",)
 
 

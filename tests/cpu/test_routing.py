@@ -134,3 +134,10 @@ def test_policies():
     assert len({ch.choose(s, [7, 8], [1])[0].replica for _ in range(3)}) == 1
     with pytest.raises(ValueError, match="router policy"):
         RouterConfig(policy="random")
+
+
+def test_cold_adapter_costs_a_load():
+    p = RoutingPolicy(RouterConfig())
+    prompt = list(range(64))
+    s = [ReplicaState("a", 2, 0, 0, 0, adapter_cold=True), ReplicaState("b", 2, 0, 0, 0, adapter_cold=False)]
+    assert p.choose(s, [1] * 4, prompt)[0].replica == "b"
