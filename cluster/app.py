@@ -66,8 +66,9 @@ def build_application(cfg: ClusterConfig):
     engine_kwargs = {"model": cfg.model, **cfg.engine}
     router = RequestRouterConfig(
         request_router_class=PrefixAffinityRouter,
-        request_router_kwargs={"policy": cfg.router,
-                               "block_size": cfg.engine.get("block_size", 16), **cfg.router_kwargs})
+        request_router_kwargs={"policy": cfg.router, "block_size": cfg.engine.get("block_size", 16),
+                               "step_tokens": cfg.engine.get("max_num_batched_tokens", 2048),
+                               **cfg.router_kwargs})
     options: dict[str, Any] = dict(
         name="LLMServer", max_ongoing_requests=cfg.max_ongoing_requests,
         request_router_config=router, health_check_period_s=5, health_check_timeout_s=30,

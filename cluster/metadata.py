@@ -48,6 +48,8 @@ class Delta:
     changes: list[Change] = field(default_factory=list)
     full: dict[str, dict[int, tuple[str, ...]]] | None = None  # set when the caller must reset
     resident: dict[str, list[str]] = field(default_factory=dict)  # replica -> adapters in device slots
+    # replica -> (prompt tokens waiting to be computed, wall-clock time of that count)
+    loads: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class CacheDirectory:
         self.adapters_version = 0
         self.replica_adapters: dict[str, dict[str, str]] = {}  # replica -> name -> namespace | "error: ..."
         self.resident: dict[str, list[str]] = {}
+        self.loads: dict[str, tuple[int, float]] = {}
 
     # -- replicas --------------------------------------------------------------------
 
@@ -102,6 +105,7 @@ class CacheDirectory:
     def drop(self, replica: str) -> None:
         self.replica_adapters.pop(replica, None)
         self.resident.pop(replica, None)
+        self.loads.pop(replica, None)
         if self.replicas.pop(replica, None) is not None:
             self._append(replica, None, ())
 
@@ -114,12 +118,14 @@ class CacheDirectory:
 
     # -- events in --------------------------------------------------------------------
 
-    def push(self, replica: str, batch: EventBatch, metrics_text: str = "") -> bool:
+    def push(self, replica: str, batch: EventBatch, metrics_text: str = "",
+             load: tuple[int, float] = (0, 0.0)) -> bool:
         """Apply a batch; False means "send a snapshot" (gap, or unknown replica)."""
         st = self.replicas.get(replica)
         if st is None:
             return False
         st.last_seen = time.monotonic()
+        self.loads[replica] = (int(load[0]), float(load[1]))
         if metrics_text:
             st.metrics_text = metrics_text
         if not batch.events:
@@ -161,14 +167,14 @@ class CacheDirectory:
 
     def pull(self, since: int) -> Delta:
         oldest = self.log[0].version if self.log else self.version + 1
-        resident = dict(self.resident)
+        extra = {"resident": dict(self.resident), "loads": dict(self.loads)}
         if since >= self.version:
-            return Delta(self.version, resident=resident)
+            return Delta(self.version, **extra)
         if since + 1 < oldest:  # the caller missed changes we no longer keep: full state
             full = {r: {h: tuple(sorted(t)) for h, t in st.index.tiers.items()}
                     for r, st in self.replicas.items()}
-            return Delta(self.version, full=full, resident=resident)
-        return Delta(self.version, [c for c in self.log if c.version > since], resident=resident)
+            return Delta(self.version, full=full, **extra)
+        return Delta(self.version, [c for c in self.log if c.version > since], **extra)
 
     def replica_ids(self) -> list[str]:
         return sorted(self.replicas)
@@ -211,6 +217,7 @@ class LocalIndex:
         self.version = 0
         self.blocks: dict[str, dict[int, tuple[str, ...]]] = {}
         self.resident: dict[str, list[str]] = {}
+        self.loads: dict[str, tuple[int, float]] = {}
 
     def apply(self, delta: Delta) -> None:
         if delta.full is not None:
@@ -224,6 +231,7 @@ class LocalIndex:
                 self.blocks.get(c.replica, {}).pop(c.block_hash, None)
         self.version = delta.version
         self.resident = delta.resident
+        self.loads = delta.loads
 
     def hit(self, replica: str, block_hashes: list[int]) -> tuple[int, int]:
         """(device blocks, CPU-only blocks) of the longest cached prefix on a replica."""
@@ -255,8 +263,9 @@ def make_actor_class():
         def register(self, replica: str, fingerprint: str) -> None:
             self.dir.register(replica, fingerprint)
 
-        def push(self, replica: str, batch: bytes, metrics_text: str = "") -> bool:
-            return self.dir.push(replica, decode_batch(batch), metrics_text)
+        def push(self, replica: str, batch: bytes, metrics_text: str = "",
+                 load: tuple[int, float] = (0, 0.0)) -> bool:
+            return self.dir.push(replica, decode_batch(batch), metrics_text, load)
 
         def push_snapshot(self, replica: str, snap: bytes) -> None:
             self.dir.push_snapshot(replica, decode_snapshot(snap))

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,10 @@ class LLMServer:
     async def _publish_loop(self) -> None:
         while True:
             try:
-                batch = await self.engine.call(lambda e: e.events.drain())
+                batch, load = await self.engine.call(  # wall clock: routers compare it across nodes
+                    lambda e: (e.events.drain(), (e.scheduler.pending_prefill_tokens(), time.time())))
                 text = self.engine.engine.metrics.render()
-                ok = await self.metadata.push.remote(self.replica_id, encode_batch(batch), text)
+                ok = await self.metadata.push.remote(self.replica_id, encode_batch(batch), text, load)
                 if not ok:  # the actor missed events (or just met us): send the whole state
                     snap = await self.engine.call(lambda e: e.snapshot())
                     await self.metadata.push_snapshot.remote(self.replica_id, encode_snapshot(snap))

@@ -13,7 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -28,6 +29,8 @@ from cluster.routing import ReplicaState, RouterConfig, RoutingPolicy
 log = logging.getLogger(__name__)
 _REPORT_EVERY = 10  # syncs between two reports of the decision counters (0.5 s)
 _RESERVATION_TTL_S = 60.0
+_DELIVERY_S = 0.05  # a routed request reaches its replica's queue within this
+_RECENT_KEEP_S = 10.0  # forget routings older than this even without a newer report
 
 
 # No FIFOMixin on purpose: with it, a replica chosen for one request may be
@@ -40,10 +43,12 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.index = LocalIndex()
         self.router_id = uuid.uuid4().hex[:8]
         self.inflight: Counter[str] = Counter()
-        self.queued: Counter[str] = Counter()
         self.decisions: Counter[tuple[str, str]] = Counter()  # (replica, reason) -> count
         self.hit_blocks: Counter[str] = Counter()
-        self._work: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, tokens)
+        self._work: dict[str, str] = {}  # internal request id -> replica, while in flight
+        # (wall-clock time, replica, uncached prompt tokens) of recent routings:
+        # work the replicas' own load reports may not include yet
+        self._recent: deque[tuple[float, str, int]] = deque()
         # request -> (replica, reason, tokens, hit blocks, when): chosen, not yet routed
         self._chosen: dict[str, tuple[str, str, int, int, float]] = {}
         self._sync_task: asyncio.Task | None = None
@@ -82,8 +87,20 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             gpu, cpu = self.index.hit(rid, info.block_hashes)
             # an adapter outside the replica's device slots must be loaded first
             cold = info.lora is not None and info.lora not in self.index.resident.get(rid, ())
-            out.append(ReplicaState(rid, gpu, cpu, self.inflight[rid], self.queued[rid], cold))
+            out.append(ReplicaState(rid, gpu, cpu, self.inflight[rid], self._queued(rid), cold))
         return out
+
+    def _queued(self, rid: str) -> int:
+        """Prompt tokens ahead of a new request on ``rid``: its last load report,
+        what was routed there after that report was taken, and a little per
+        running request for its decoding."""
+        while self._recent and self._recent[0][0] < time.time() - _RECENT_KEEP_S:
+            self._recent.popleft()
+        load, taken_at = self.index.loads.get(rid, (0, 0.0))
+        since = taken_at - _DELIVERY_S  # routed earlier than this had reached the replica
+        recent = sum(t for when, r, t in self._recent if r == rid and when > since)
+        reserved = sum(c[2] for c in self._chosen.values() if c[0] == rid)
+        return load + recent + reserved + self.cfg.per_request_tokens * self.inflight[rid]
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -98,7 +115,8 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                                        info.prompt_head)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         first = decisions[0]
-        tokens = max(1, int(first.cost) - self.queued[first.replica] + self.cfg.expected_output_tokens)
+        state = next(st for st in self._states([by_id[first.replica]], info))
+        tokens = max(0, int(self.policy.cost(info.prompt_len, replace(state, queued_tokens=0))))  # its own work
         self._reserve(pending_request.metadata.internal_request_id, first.replica, first.reason, tokens,
                       first.hit_blocks)
         return [[by_id[d.replica]] for d in decisions]
@@ -110,15 +128,12 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._release(key)
         self._expire_reservations()
         self.inflight[replica] += 1
-        self.queued[replica] += tokens
         self._chosen[key] = (replica, reason, tokens, hit, time.monotonic())
 
     def _release(self, key: str) -> tuple | None:
         held = self._chosen.pop(key, None)
         if held is not None:
-            replica, _, tokens, _, _ = held
-            self.inflight[replica] = max(0, self.inflight[replica] - 1)
-            self.queued[replica] = max(0, self.queued[replica] - tokens)
+            self.inflight[held[0]] = max(0, self.inflight[held[0]] - 1)
         return held
 
     def _expire_reservations(self) -> None:
@@ -130,18 +145,16 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         rid = replica_id.unique_id
         key = pending_request.metadata.internal_request_id
         held = self._release(key)
-        reason, tokens, hit = (held[1], held[2], held[3]) if held else (self.cfg.policy,
-                                                                         self.cfg.expected_output_tokens, 0)
+        reason, tokens, hit = (held[1], held[2], held[3]) if held else (self.cfg.policy, 0, 0)
         self.inflight[rid] += 1
-        self.queued[rid] += tokens
+        self._recent.append((time.time(), rid, tokens))
         self.decisions[(rid, reason)] += 1
         self.hit_blocks[rid] += hit
-        self._work[key] = (rid, tokens)
+        self._work[key] = rid
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        rid, tokens = self._work.pop(internal_request_id, (replica_id.unique_id, 0))
+        rid = self._work.pop(internal_request_id, replica_id.unique_id)
         self.inflight[rid] = max(0, self.inflight[rid] - 1)
-        self.queued[rid] = max(0, self.queued[rid] - tokens)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

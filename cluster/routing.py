@@ -2,12 +2,19 @@
 
 The cost of sending a request to replica r, in tokens:
 
-    cost(r) = uncached(r) + queued(r)
+    cost(r) = uncached(r) + max(0, queued(r) - step_tokens)
     uncached(r) = prompt_tokens - block_size * (gpu_hit(r) + cpu_hit(r))
                   + cpu_copy_cost * block_size * cpu_hit(r)
-    queued(r)   = work already routed to r and not finished (its uncached
-                  prompt tokens plus expected output tokens)
+    queued(r)   = prompt tokens waiting to be computed on r (reported by r every
+                  publish interval), plus the uncached prompt tokens routed to r
+                  since that report, plus ``per_request_tokens`` per in-flight
+                  request for its decoding (with continuous batching a running
+                  request costs a new one little more than its share of a step)
     + adapter_load_tokens when the request's LoRA adapter is not resident on r
+
+The replica computes up to ``step_tokens`` tokens per step (its
+max_num_batched_tokens), all at once: queued work that fits in one step
+delays a new request hardly at all, so only the excess counts.
 
 Prefix hits are per adapter by construction: the prompt's block hashes are
 computed in the adapter's namespace, exactly as the engine caches them.
@@ -44,7 +51,8 @@ class RouterConfig:
     load_epsilon: float = 0.25       # in-flight bound: (1 + eps) * mean + 1
     min_hit_fraction: float = 0.1    # below this, a hit is not worth breaking rendezvous
     rendezvous_blocks: int = 4       # prefix blocks that key rendezvous hashing
-    expected_output_tokens: int = 128  # queued work per in-flight request, beyond its prompt
+    per_request_tokens: int = 16     # queued work of an in-flight request beyond its uncached prompt
+    step_tokens: int = 2048          # the replicas' per-step token budget (max_num_batched_tokens)
     adapter_load_tokens: int = 256   # cost of loading a LoRA adapter into a replica's device slot
     sync_interval_s: float = 0.05    # how often the router pulls metadata deltas
 
@@ -98,7 +106,8 @@ class RoutingPolicy:
         bs = self.config.block_size
         cached = min(prompt_tokens, bs * (s.gpu_hit + s.cpu_hit))
         uncached = prompt_tokens - cached + self.config.cpu_copy_cost * bs * s.cpu_hit
-        return uncached + s.queued_tokens + (self.config.adapter_load_tokens if s.adapter_cold else 0)
+        queued = max(0, s.queued_tokens - self.config.step_tokens)
+        return uncached + queued + (self.config.adapter_load_tokens if s.adapter_cold else 0)
 
     def within_load_bound(self, states: list[ReplicaState]) -> list[ReplicaState]:
         mean = sum(s.inflight for s in states) / len(states)

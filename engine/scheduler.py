@@ -105,6 +105,13 @@ class Scheduler:
         if request.lora is not None:
             self.lora.release(request.lora)
 
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens admitted or queued but not computed yet: the queue a
+        newly routed request would wait behind (the cluster router reads it)."""
+        waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+        running = sum(s.num_uncomputed - 1 for s in self.running if s.num_uncomputed > 1)
+        return waiting + running
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
