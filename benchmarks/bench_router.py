@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     tok = Tokenizer(model_dir)
     oracle_llm = LLM(str(model_dir), max_model_len=2048)
     sessions = make_sessions(cfg)
+    if ray.is_initialized():  # a caller's Ray: this benchmark needs its own 4-CPU local cluster
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, namespace="serve", logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     results, oracle = {}, []

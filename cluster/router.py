@@ -62,7 +62,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     async def _sync_loop(self) -> None:
         n = 0
-        while True:
+        while ray.is_initialized():  # after ray.shutdown() a lookup would auto-start a new Ray
             try:
                 if self._actor is None:
                     self._actor = ray.get_actor(actor_name(self._deployment_id.app_name),
