@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, median, percentile, write_result
+from benchmarks.common import bar_plot, command_line, median, percentile, write_result
 from engine import LLM, SamplingParams
 from engine.model.default_models import resolve_model
 
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
                "ttft_p50_gpu_only_over_gpu_cpu": m["gpu_only"]["ttft_p50_s"] / m["gpu_cpu"]["ttft_p50_s"],
                "cpu_hit_ttft_speedup_vs_miss": m["cpu_hit_vs_miss"]["speedup"]}
     path = write_result("tier-quick" if args.quick else "tier", asdict(cfg), m, summary,
-                        Path(args.out_dir) if args.out_dir else None)
+                        Path(args.out_dir) if args.out_dir else None,
+                        command=command_line("benchmarks.bench_tier", argv))
     bar_plot(path.with_suffix(".png"), f"CPU tier, doc QA with a working set ~4x the device pool ({cfg.model})",
              [("GPU+CPU vs GPU-only\ntotal time", summary["gpu_cpu_over_gpu_only_speedup"], 2.0),
               ("GPU+CPU vs off\ntotal time", summary["gpu_cpu_over_off_speedup"], None),
