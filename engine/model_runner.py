@@ -240,15 +240,20 @@ class ModelRunner:
 
     def _forward(self, so: SchedulerOutput, result: StepResult) -> None:
         inputs = self._prepare(so)
+        sources = sorted({r.source for r in so.sample_rows})
+        sample_index = [inputs.last_index[s] for s in sources]
+        # Only the sampled rows need the last layer's output, unless prompt logprobs
+        # read every row or LoRA's per-token segments must stay aligned with the rows.
+        prune = self.lora is None and all(s.prompt_logprobs is None for s in so.seqs)
+        keep = torch.tensor(sample_index, dtype=torch.long, device=self.device) if prune else None
         try:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend, keep)
         finally:
             if self.lora is not None:
                 self.lora.clear_batch()
         if so.sample_rows:
-            sources = sorted({r.source for r in so.sample_rows})
             row_of = {src: i for i, src in enumerate(sources)}
-            logits = self.model.compute_logits(hidden[[inputs.last_index[s] for s in sources]])
+            logits = self.model.compute_logits(hidden if prune else hidden[sample_index])
             if self.sampler is not None:  # every rank joins the logits gather; rank 0 samples
                 result.sampled = self._sample(so, logits, row_of)
         for i, s in enumerate(so.seqs):

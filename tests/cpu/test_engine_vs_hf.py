@@ -62,6 +62,14 @@ def test_greedy_batch_matches_hf(tiny_dir, hf_tiny, prompts, chunked):
     assert_matches_hf(hf_tiny, llm, prompts, max_new=12)
 
 
+def test_long_prompt_in_chunks_without_sampled_rows_matches_hf(tiny_dir, hf_tiny):
+    # 70 tokens in 16-token steps: the first four steps sample nothing, so the last
+    # layer's row pruning runs with zero kept rows before the final chunk keeps one.
+    prompt = random_prompts(1, hf_tiny.config.vocab_size, seed=7, lo=70, hi=70)
+    llm = LLM(str(tiny_dir), max_model_len=256, max_num_batched_tokens=16)
+    assert_matches_hf(hf_tiny, llm, prompt, max_new=6)
+
+
 def test_single_prompt_matches_hf(tiny_dir, hf_tiny, prompts):
     llm = LLM(str(tiny_dir))
     assert_matches_hf(hf_tiny, llm, prompts[:1], max_new=20)
