@@ -40,7 +40,7 @@ from tqdm import tqdm
 from benchmarks import drivers
 from benchmarks.bench_workloads import QUICK as ENGINE_QUICK
 from benchmarks.bench_workloads import WorkloadsBenchConfig
-from benchmarks.common import command_line, load_average, workload_panels_plot, write_result
+from benchmarks.common import command_line, load_average, print_summary, workload_panels_plot, write_result
 from benchmarks.metrics import Run, Slo, aggregate, headline, round_ratios, summarize
 from benchmarks.workloads import (WORKLOADS, MultiTurnConfig, NoSharingConfig, RAGConfig, RequestSpec,
                                   SharedPrefixConfig, TokenSpace, apply_overrides, shape, with_poisson_arrivals)
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None, setup: Deploy | None = None) -> dict:
                         Path(args.out_dir) if args.out_dir else None,
                         command_line("benchmarks.bench_cluster", argv), device=args.device)
     plot(path)
-    print(f"wrote {path}")
-    for k, v in summary.items():
-        print(f"  {k}: {v:.3f}")
+    print_summary(path, summary)
     return summary
 
 

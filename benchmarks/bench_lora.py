@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from benchmarks.common import median, percentile, write_result
+from benchmarks.common import command_line, median, percentile, print_summary, write_result
 from engine import LLM, LoRARequest, SamplingParams
 from engine.lora.adapter import TARGET_MODULES, module_shapes
 from engine.model.default_models import resolve_model
@@ -192,11 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary[f"k{k}_cache_on_tok_per_s_over_base"] = (m[f"lora k={k} | cache on"]["output_tok_per_s"]
                                                          / m["base | cache on"]["output_tok_per_s"])
     suite = "lora-quick" if args.quick else "lora"
-    path = write_result(suite, asdict(cfg), m, summary, Path(args.out_dir) if args.out_dir else None)
+    path = write_result(suite, asdict(cfg), m, summary, Path(args.out_dir) if args.out_dir else None,
+                        command=command_line("benchmarks.bench_lora", argv))
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
-    print(f"wrote {path}")
-    for k, v in summary.items():
-        print(f"  {k}: {v:.3f}")
+    print_summary(path, summary)
     return summary
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, command_line, median, write_result
+from benchmarks.common import bar_plot, command_line, median, print_summary, write_result
 from engine import LLM, SamplingParams
 from engine.model.default_models import resolve_model
 
@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_result(suite, asdict(cfg), measurements, summary, Path(args.out_dir) if args.out_dir else None,
                         command_line("benchmarks.bench_prefix", argv))
     plot(summary, path.with_suffix(".png"))
-    print(f"wrote {path}")
-    for k, v in summary.items():
-        print(f"  {k}: {v:.3f}")
+    print_summary(path, summary)
     return summary
 
 

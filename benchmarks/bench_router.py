@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, command_line, median, percentile, write_result
+from benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
 from cluster.backend import request_namespace
 from engine.cache.hashing import prompt_block_hashes
 from engine.model.default_models import resolve_model
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
              ("affinity load\nmax/mean", aff["load_max_over_mean"], 1.25)]
     bar_plot(path.with_suffix(".png"), f"Router policies, {cfg.replicas} replicas, multi-tenant multi-turn ({cfg.model})",
              rows, "value")
-    print(f"wrote {path}")
-    for k, v in summary.items():
-        print(f"  {k}: {v:.3f}")
+    print_summary(path, summary)
     return summary
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, command_line, median, percentile, write_result
+from benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
 from engine import LLM, SamplingParams
 from engine.model.default_models import resolve_model
 from engine.scheduler_output import SchedulerOutput
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar_plot(path.with_suffix(".png"), f"TP={cfg.tp} vs TP=1 ({cfg.model}, CPU gloo)",
              [(f"tok/s TP{cfg.tp}/TP1", summary[f"tp{cfg.tp}_over_tp1_tok_per_s"], None),
               ("queue step p50 (ms)", summary["queue_empty_step_p50_us"] / 1000, None)], "value")
-    print(f"wrote {path}")
-    for k, v in summary.items():
-        print(f"  {k}: {v:.3f}")
+    print_summary(path, summary)
     return summary
 
 

@@ -47,7 +47,7 @@ from typing import Any
 from tqdm import tqdm
 
 from benchmarks import drivers
-from benchmarks.common import command_line, load_average, workload_panels_plot, write_result
+from benchmarks.common import command_line, load_average, print_summary, workload_panels_plot, write_result
 from benchmarks.metrics import Run, Slo, TierHits, aggregate, headline, round_ratios, summarize
 from benchmarks.workloads import (WORKLOADS, MultiTurnConfig, NoSharingConfig, RAGConfig, RequestSpec,
                                   SharedPrefixConfig, TokenSpace, apply_overrides, shape, with_poisson_arrivals)
@@ -314,9 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
                         Path(args.out_dir) if args.out_dir else None,
                         command_line("benchmarks.bench_workloads", argv))
     plot(path)
-    print(f"wrote {path}")
-    for k, v in summary.items():
-        print(f"  {k}: {v:.3f}")
+    print_summary(path, summary)
     return summary
 
 

@@ -76,6 +76,13 @@ def load_average() -> list[float]:
         return []
 
 
+def print_summary(path: Path, summary: dict[str, float]) -> None:
+    """Where a run's JSON went, and its headline ratios."""
+    print(f"wrote {path}")
+    for k, v in summary.items():
+        print(f"  {k}: {v:.3f}")
+
+
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command that reproduces a run, recorded in its JSON (argv None: this process's).
 
