@@ -240,12 +240,14 @@ class ModelRunner:
 
     def _forward(self, so: SchedulerOutput, result: StepResult) -> None:
         inputs = self._prepare(so)
-        sources = sorted({r.source for r in so.sample_rows})
-        sample_index = [inputs.last_index[s] for s in sources]
-        # Only the sampled rows need the last layer's output, unless prompt logprobs
-        # read every row or LoRA's per-token segments must stay aligned with the rows.
-        prune = self.lora is None and all(s.prompt_logprobs is None for s in so.seqs)
+        # in row order, so that keeping every row is the identity
+        sources = sorted({r.source for r in so.sample_rows}, key=lambda i: inputs.last_index[i])
+        sample_index = [inputs.last_index[i] for i in sources]
+        # Only the sampled rows need the last layer's output, unless prompt logprobs read every row.
+        prune = all(s.prompt_logprobs is None for s in so.seqs)
         keep = torch.tensor(sample_index, dtype=torch.long, device=self.device) if prune else None
+        if prune and self.lora is not None:
+            self.lora.set_kept_rows([so.seqs[i].lora_slot for i in sources])
         try:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend, keep)
         finally:

@@ -68,6 +68,16 @@ class LoRAContext:
     def __init__(self, ops: TorchLoRAOps):
         self.ops = ops
         self.batch: LoRABatch | None = None
+        # The last decoder layer's o_proj/MLP see only the rows that need logits
+        # (one per sampled sequence, in row order): their own segments.
+        self.kept: LoRABatch | None = None
+
+    def batch_for(self, num_rows: int) -> LoRABatch | None:
+        b = self.batch
+        if b is not None and b.indptr_list[-1] != num_rows:
+            b = self.kept  # equal counts mean every row was kept: the layouts coincide
+            assert b is None or b.indptr_list[-1] == num_rows, "LoRA batch does not match the rows"
+        return b
 
 
 class LoRALinear(nn.Module):
@@ -92,7 +102,7 @@ class LoRALinear(nn.Module):
         return getattr(self, f"b{j}")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        batch = self.ctx.batch
+        batch = self.ctx.batch_for(x.shape[0])
         if batch is None or not any(self.loaded[s] for s in batch.slots):
             return y
         xa = self.ctx.ops.shrink(x, self.a, batch)  # [num_tokens, n_sub * rank] fp32

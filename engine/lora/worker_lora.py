@@ -123,15 +123,29 @@ class WorkerLoRAManager:
     def set_batch(self, indptr: list[int], slots: list[int]) -> None:
         """Segments of the next forward: tokens indptr[g]:indptr[g+1] use slot slots[g]
         (-1 = base model). No segment with a slot >= 0 means no LoRA work at all."""
+        self.ctx.batch = self._segments(indptr, slots)
+        self.ctx.kept = None
+
+    def set_kept_rows(self, row_slots: list[int]) -> None:
+        """Slots of the rows the last layer keeps (one per sampled sequence, in row order)."""
+        indptr, slots = [0], []
+        for s in row_slots:
+            if slots and slots[-1] == s:
+                indptr[-1] += 1
+            else:
+                slots.append(s)
+                indptr.append(indptr[-1] + 1)
+        self.ctx.kept = self._segments(indptr, slots)
+
+    def _segments(self, indptr: list[int], slots: list[int]) -> LoRABatch | None:
         lengths = [b - a for a, b, s in zip(indptr, indptr[1:], slots) if s >= 0]
         if not lengths:
-            self.ctx.batch = None
-            return
+            return None
         dev = self.device
-        self.ctx.batch = LoRABatch(
+        return LoRABatch(
             torch.tensor(indptr, dtype=torch.int32, device=dev), torch.tensor(slots, dtype=torch.int32, device=dev),
             max(lengths), frozenset(s for s in slots if s >= 0), list(indptr), list(slots))
 
     def clear_batch(self) -> None:
-        self.ctx.batch = None
+        self.ctx.batch = self.ctx.kept = None
 
