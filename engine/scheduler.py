@@ -207,7 +207,9 @@ class Scheduler:
                 # model, resident adapters) go first; this one retries next step.
                 deferred.append(self.waiting.popleft())
                 continue
-            if not self.kv.allocate(seq, n, hit):
+            # A swap-in also takes the blocks of its uncached suffix now: admitting
+            # others into them would force a preemption the moment it runs.
+            if not self.kv.allocate(seq, seq.num_tokens - hit_tokens if swap_in else n, hit):
                 break
             self.waiting.popleft()
             used += seats
