@@ -119,6 +119,40 @@ HEADLINES: dict[str, Callable[[Result], list[str]]] = {
 }
 
 
+# The figures the issues set targets for: (suite, summary key, what it measures, target).
+KEY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
+    ("prefix", "prefill_ttft_engine_over_hf", "prefill TTFT, 2048 tokens: engine / HF forward", "<= 1"),
+    ("prefix", "prefix_hit_speedup", "TTFT miss / full prefix hit (2048 cached + 32 new)", ">= 30"),
+    ("prefix", "hit_ttft_engine_over_hf_reuse", "prefix-hit TTFT: engine / HF reusing past_key_values", "< 1"),
+    ("prefix", "shared_prefix_throughput_on_over_off", "shared-prefix workload time, cache off / on", ">= 3"),
+    ("prefix", "no_sharing_overhead", "all prompts distinct: cache on / off - 1", "<= 0.02"),
+    ("prefix", "continuous_batching_over_hf_static", "mixed lengths: engine / HF static batches, tok/s", ">= 1.5"),
+    ("tier", "sequential_gpu_cpu_over_gpu_only_speedup", "doc QA, working set 4x pool: GPU-only / GPU+CPU time, "
+     "one request at a time", ">= 2"),
+    ("tier", "batched_gpu_cpu_over_gpu_only_speedup", "the same, each round's questions submitted together", ">= 2"),
+    ("tier", "cpu_hit_ttft_speedup_vs_miss", "TTFT miss / CPU-tier hit, 2048-token prefix", ">= 5"),
+    ("tp", "tp2_over_tp1_tok_per_s", "TP=2 / TP=1 tokens/s (2 cores: reported, no target)", ""),
+    ("tp", "queue_empty_step_p50_us", "engine-worker queue cost of a step, microseconds", ""),
+    ("router-small-llama", "affinity_hit_over_oracle", "2 replicas over HTTP: prefix-affinity hit rate / oracle",
+     ">= 0.95"),
+    ("router-small-llama", "affinity_load_max_over_mean", "max / mean requests per replica", "<= 1.25"),
+    ("router-small-llama", "affinity_ttft_p50_over_pow2", "TTFT p50: prefix affinity / pow2", "< 1"),
+    ("lora", "lora_overhead", "LoRA path (1 adapter) / base model time - 1, cache off", ""),
+    ("lora", "k16_cache_speedup", "16 adapters: time cache off / on", ""),
+)
+
+
+def key_figures_table(results: Sequence[Result], base: Path) -> list[str]:
+    by_suite = {r.suite: r for r in results}
+    lines = ["| figure | value | target | source |", "|---|---|---|---|"]
+    for suite, key, what, target in KEY_FIGURES:
+        r = by_suite.get(suite)
+        value = (r.doc.get("summary") or {}).get(key) if r else None
+        source = f"[{r.path.name}]({_rel(r.path, base)}) `{key}`" if r else "no result yet"
+        lines.append(f"| {what} | {_fmt(value)} | {target or 'n/a'} | {source} |")
+    return lines
+
+
 def headline(result: Result) -> list[str]:
     return HEADLINES.get(result.suite, _summary_table)(result)
 
@@ -218,6 +252,7 @@ def render(results: Sequence[Result], base: Path) -> str:
              "cache, device pool only) is than X; below 1, X is better (as the CPU tier is on rag).", "",
              "Run everything again: `radixserve bench bench_workloads` (or any suite in `radixserve bench "
              "--list`), then `python -m benchmarks.report`.", "",
+             "## Against the targets", "", *key_figures_table(results, base), "",
              "## Headline figures", "", *headline_tables(results, base),
              "## Sources", "", *sources_table(results, base), ""]
     for r in results:
@@ -235,6 +270,7 @@ def update_readme(readme: Path, results: Sequence[Result]) -> bool:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     block = ["", "Headline figures, from `benchmarks/README.md` (regenerate: `python -m benchmarks.report`):", "",
+             *key_figures_table(results, readme.parent), "",
              *headline_tables([r for r in results if r.suite == "workloads"] or results, readme.parent)]
     readme.write_text(head + BEGIN + "\n".join(block) + "\n" + END + tail)
     return True
