@@ -23,7 +23,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import time
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.common import command_line, env_info
+from benchmarks.common import command_line, cpu_model, env_info
 from kernels.paged_decode import paged_decode_attention_ref
 from kernels.prefix_prefill import prefix_prefill_attention_ref
 
@@ -106,16 +105,6 @@ def time_cpu_pair(paged: Callable[[], object], dense: Callable[[], object], repe
             fn()
             times[name].append((time.perf_counter() - start) * 1e3)
     return tuple({"median_ms": statistics.median(t), "min_ms": min(t)} for t in times.values())
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bottom_right_causal_mask(new_len: int, total_len: int, device) -> torch.Tensor:
