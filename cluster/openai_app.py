@@ -291,7 +291,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     text = TokenText(backend.tokenizer, jobs[0].params.skip_special_tokens)
     if body.wants_stream:
         opened = await until_disconnect(request, open_streams(backend, jobs), config.disconnect_poll_s)
-        streamer = CompletionStreamer(rid, created, model, n, logprobs, echo, text)
+        streamer = CompletionStreamer(rid, created, model, n, logprobs, echo, text, bool(body.return_token_ids))
         final = (lambda outs: [streamer.usage_chunk(outs)]) if body.include_usage_in_stream else (lambda _: [])
         return SSEResponse(sse_events(opened, streamer.chunks, final),
                            headers=_headers(request, rid, [o.stream.replica_id for o in opened]))
@@ -300,7 +300,7 @@ async def create_completion(body: CompletionRequest, request: Request,
         opened = await open_streams(backend, jobs)
         return await run_to_end(opened), [o.stream.replica_id for o in opened]
     outs, replicas = await until_disconnect(request, work(), config.disconnect_poll_s)
-    resp = completion_response(rid, created, model, outs, n, logprobs, echo, text)
+    resp = completion_response(rid, created, model, outs, n, logprobs, echo, text, bool(body.return_token_ids))
     return JSONResponse(resp.model_dump(mode="json"), headers=_headers(request, rid, replicas))
 
 
@@ -314,7 +314,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     text = TokenText(backend.tokenizer, job.params.skip_special_tokens)
     if body.wants_stream:
         opened = await until_disconnect(request, open_streams(backend, [job]), config.disconnect_poll_s)
-        streamer = ChatStreamer(rid, created, model, job.params.n, top, text)
+        streamer = ChatStreamer(rid, created, model, job.params.n, top, text, bool(body.return_token_ids))
         final = (lambda outs: [streamer.usage_chunk(outs)]) if body.include_usage_in_stream else (lambda _: [])
         return SSEResponse(sse_events(opened, lambda _, out: streamer.chunks(out), final),
                            headers=_headers(request, rid, [opened[0].stream.replica_id]))
@@ -323,7 +323,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         opened = await open_streams(backend, [job])
         return (await run_to_end(opened))[0], opened[0].stream.replica_id
     out, replica = await until_disconnect(request, work(), config.disconnect_poll_s)
-    resp = chat_response(rid, created, model, out, top, text)
+    resp = chat_response(rid, created, model, out, top, text, bool(body.return_token_ids))
     return JSONResponse(resp.model_dump(mode="json"), headers=_headers(request, rid, [replica]))
 
 

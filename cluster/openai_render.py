@@ -134,9 +134,9 @@ class CompletionStreamer:
     """Chunks of one /v1/completions stream; choice index = prompt index * n + output index."""
 
     def __init__(self, rid: str, created: int, model: str, n: int, logprobs: bool, echo: bool,
-                 text: TokenText):
+                 text: TokenText, token_ids: bool = False):
         self.rid, self.created, self.model, self.n = rid, created, model, n
-        self.logprobs, self.echo, self.text = logprobs, echo, text
+        self.logprobs, self.echo, self.text, self.token_ids = logprobs, echo, text, token_ids
         self.cursors: dict[int, ChoiceCursor] = {}
 
     def chunks(self, prompt_index: int, out: RequestOutput) -> list[CompletionResponse]:
@@ -147,7 +147,10 @@ class CompletionStreamer:
             prefix: CompletionChoice | None = None
             if cursor is None:
                 cursor = self.cursors[index] = ChoiceCursor()
-                prefix = self._echo_prefix(index, out, cursor) if self.echo else None
+                if self.echo:
+                    prefix = self._echo_prefix(index, out, cursor)
+                elif self.token_ids:
+                    prefix = CompletionChoice(index=index, text="", token_ids=[])
             delta = cursor.advance(c)
             if delta is None:
                 continue
@@ -155,7 +158,9 @@ class CompletionStreamer:
             if prefix is not None:
                 choice = prefix if choice is None else CompletionChoice(
                     index=index, text=prefix.text + choice.text, finish_reason=None, stop_reason=None,
-                    logprobs=_concat(prefix.logprobs, choice.logprobs))
+                    logprobs=_concat(prefix.logprobs, choice.logprobs), token_ids=choice.token_ids)
+            if self.token_ids and prefix is not None:  # a choice's first chunk carries the prompt
+                choice.prompt_token_ids = list(out.prompt_token_ids)
             if choice is not None:
                 chunks.append(self._chunk(choice))
             if delta.finish_reason is not None:
@@ -183,10 +188,11 @@ class CompletionStreamer:
             if lp.tokens:
                 cursor.text_offset = lp.text_offset[-1] + self.text.width(delta.token_ids[-1], lp.tokens[-1],
                                                                           in_prompt=False)
-        if not delta.text and not (lp and lp.tokens):
+        ids = delta.token_ids if self.token_ids else None
+        if not delta.text and not (lp and lp.tokens) and not ids:
             return None
         return CompletionChoice(index=index, text=delta.text, logprobs=lp, finish_reason=None,
-                                stop_reason=None)
+                                stop_reason=None, token_ids=ids)
 
     def _chunk(self, choice: CompletionChoice) -> CompletionResponse:
         return CompletionResponse(id=self.rid, created=self.created, model=self.model, choices=[choice])
@@ -205,9 +211,9 @@ class ChatStreamer:
     deltas, then a chunk with finish_reason per choice."""
 
     def __init__(self, rid: str, created: int, model: str, n: int, top_logprobs: int | None,
-                 text: TokenText):
+                 text: TokenText, token_ids: bool = False):
         self.rid, self.created, self.model, self.n = rid, created, model, n
-        self.top_logprobs, self.text = top_logprobs, text
+        self.top_logprobs, self.text, self.token_ids = top_logprobs, text, token_ids
         self.cursors = [ChoiceCursor() for _ in range(n)]
         self.role_sent = False
 
@@ -219,6 +225,8 @@ class ChatStreamer:
         chunks = []
         if not self.role_sent:  # the role chunks lead the stream
             chunks, self.role_sent = self.role_chunks(), True
+            if self.token_ids:
+                chunks[0].prompt_token_ids = list(out.prompt_token_ids)
         for c in out.outputs:
             delta = self.cursors[c.index].advance(c)
             if delta is None:
@@ -226,9 +234,10 @@ class ChatStreamer:
             lp = None
             if self.top_logprobs is not None and delta.logprobs:
                 lp = chat_logprobs(delta.token_ids, list(delta.logprobs), self.top_logprobs, self.text)
-            if delta.text or lp is not None:
+            ids = delta.token_ids if self.token_ids else None
+            if delta.text or lp is not None or ids:
                 chunks.append(self._chunk(ChatStreamChoice(index=c.index, delta=DeltaMessage(content=delta.text),
-                                                           logprobs=lp, finish_reason=None)))
+                                                           logprobs=lp, finish_reason=None, token_ids=ids)))
             if delta.finish_reason is not None:
                 chunks.append(self._chunk(ChatStreamChoice(index=c.index, delta=DeltaMessage(),
                                                            logprobs=None, finish_reason=delta.finish_reason,
@@ -257,7 +266,8 @@ def _prompt_positions(out: RequestOutput) -> list[PositionLogprobs | None]:
 
 
 def completion_response(rid: str, created: int, model: str, outs: list[RequestOutput], n: int,
-                        logprobs: bool, echo: bool, text: TokenText) -> CompletionResponse:
+                        logprobs: bool, echo: bool, text: TokenText, token_ids: bool = False
+                        ) -> CompletionResponse:
     choices = []
     for p, out in enumerate(outs):
         prefix = prompt_text(out, text) if echo else ""
@@ -270,18 +280,21 @@ def completion_response(rid: str, created: int, model: str, outs: list[RequestOu
                 lp = _concat(prompt_lp, legacy_logprobs(c.token_ids, list(c.logprobs or []), text,
                                                         len(prefix)))
             choices.append(CompletionChoice(index=p * n + c.index, text=prefix + c.text, logprobs=lp,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                            prompt_token_ids=list(out.prompt_token_ids) if token_ids else None,
+                                            token_ids=list(c.token_ids) if token_ids else None))
     return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage_of(outs))
 
 
 def chat_response(rid: str, created: int, model: str, out: RequestOutput, top_logprobs: int | None,
-                  text: TokenText) -> ChatCompletionResponse:
+                  text: TokenText, token_ids: bool = False) -> ChatCompletionResponse:
     choices = []
     for c in out.outputs:
         lp = None
         if top_logprobs is not None:
             lp = chat_logprobs(c.token_ids, list(c.logprobs or []), top_logprobs, text)
         choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=lp,
-                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-    return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                  usage=usage_of([out]))
+                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                  token_ids=list(c.token_ids) if token_ids else None))
+    return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage_of([out]),
+                                  prompt_token_ids=list(out.prompt_token_ids) if token_ids else None)

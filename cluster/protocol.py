@@ -75,6 +75,7 @@ class _GenerationRequest(_Model):
     include_stop_str_in_output: bool | None = False
     user: str | None = None
     cache_salt: str | None = None
+    return_token_ids: bool | None = False  # vLLM: prompt and output token ids in the response
     # Known but not honoured: accepted only at their no-op value (see _UNSUPPORTED).
     logit_bias: Any = None
     response_format: Any = None
@@ -339,12 +340,15 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_DropNone):
+    drop_if_none = ("prompt_token_ids", "token_ids")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: on a choice's first chunk
+    token_ids: list[int] | None = None  # return_token_ids: this choice's (new) output tokens
 
 
 class CompletionResponse(_DropNone):
@@ -376,21 +380,25 @@ class ChatMessageOut(BaseModel):
     content: str | None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_DropNone):
+    drop_if_none = ("token_ids",)
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_DropNone):
+    drop_if_none = ("prompt_token_ids",)
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class DeltaMessage(_DropNone):
@@ -399,22 +407,25 @@ class DeltaMessage(_DropNone):
     content: str | None = None
 
 
-class ChatStreamChoice(BaseModel):
+class ChatStreamChoice(_DropNone):
+    drop_if_none = ("token_ids",)
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: this chunk's new output tokens
 
 
 class ChatCompletionChunk(_DropNone):
-    drop_if_none = ("usage",)
+    drop_if_none = ("usage", "prompt_token_ids")
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: on the first chunk
 
 
 class ModelCard(BaseModel):

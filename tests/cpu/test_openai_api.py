@@ -197,6 +197,37 @@ def test_chat_json_and_stream_match_offline(http, url, offline):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 8
 
 
+def test_return_token_ids_completions(http, url, offline):
+    prompt = unique_ids(18)
+    want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))[0]
+    plain = http.post(f"{url}/v1/completions", json=greedy(prompt=prompt, max_tokens=7)).json()
+    assert "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain["choices"][0]
+    body = greedy(prompt=prompt, max_tokens=7, return_token_ids=True)
+    (choice,) = http.post(f"{url}/v1/completions", json=body).json()["choices"]
+    assert choice["prompt_token_ids"] == prompt and choice["token_ids"] == want.outputs[0].token_ids
+    _, events = post_sse(http, f"{url}/v1/completions", body)
+    chunks = [e["choices"][0] for e in events[:-1]]
+    assert chunks[0]["prompt_token_ids"] == prompt
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c.get("token_ids", [])] == want.outputs[0].token_ids
+
+
+def test_return_token_ids_chat(http, url, offline):
+    messages = [{"role": "user", "content": f"token ids please {uuid.uuid4().hex[:6]}"}]
+    want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    body = greedy(messages=messages, max_tokens=6, return_token_ids=True)
+    data = http.post(f"{url}/v1/chat/completions", json=body).json()
+    assert data["prompt_token_ids"] == want.prompt_token_ids
+    assert data["choices"][0]["token_ids"] == want.outputs[0].token_ids
+    _, events = post_sse(http, f"{url}/v1/chat/completions", body)
+    chunks = events[:-1]
+    assert chunks[0]["prompt_token_ids"] == want.prompt_token_ids
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == want.outputs[0].token_ids
+    plain = http.post(f"{url}/v1/chat/completions", json=greedy(messages=messages, max_tokens=2)).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+
 def test_chat_n2_stream_interleaves_indices(http, url):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Pick two"}], "n": 2, "max_tokens": 4,
             "ignore_eos": True, "seed": 3}
