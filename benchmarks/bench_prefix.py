@@ -114,12 +114,14 @@ class Bench:
         cfg = self.cfg
         prefix = self.tokens(cfg.hit_prefix_len)
         suffixes = [self.tokens(cfg.hit_suffix_len) for _ in range(cfg.repeats + 1)]
-        miss = [self.ttft(self.off, prefix + s) for s in suffixes[1:]]
         self.ttft(self.on, prefix + suffixes[0])  # caches the prefix
-        hit = [self.ttft(self.on, prefix + s) for s in suffixes[1:]]
         out = self.hf(torch.tensor([prefix]), use_cache=True)
-        hf_suffix = [self.hf_forward(s, copy.deepcopy(out.past_key_values)) for s in suffixes[1:]]
-        hf_full = [self.hf_forward(prefix + s) for s in suffixes[1:]]
+        miss, hit, hf_full, hf_suffix = [], [], [], []
+        for s in suffixes[1:]:  # interleaved, so drift on a shared machine hits every side alike
+            miss.append(self.ttft(self.off, prefix + s))
+            hit.append(self.ttft(self.on, prefix + s))
+            hf_full.append(self.hf_forward(prefix + s))
+            hf_suffix.append(self.hf_forward(s, copy.deepcopy(out.past_key_values)))
         return {"miss_ttft_s": miss, "hit_ttft_s": hit, "hf_full_s": hf_full, "hf_reused_kv_s": hf_suffix,
                 "speedup_engine": median(miss) / median(hit),
                 "speedup_hf_reuse": median(hf_full) / median(hf_suffix),
