@@ -72,7 +72,7 @@ def doc_qa(llm: LLM, docs: list[list[int]], questions: list[list[int]], cfg: Tie
     return {"total_s": total, "ttft_s": ttft, "ttft_p50_s": median(ttft), "ttft_p90_s": percentile(ttft, 0.9),
             "hit_rate": sum(cached) / prompt_tokens, "cpu_hit_rate": sum(cpu_cached) / prompt_tokens,
             "swap_in_blocks": m["swap_in_blocks"], "swap_out_blocks": m["swap_out_blocks"],
-            "preemptions": m.get("num_preemptions", 0)}
+            "preemptions": m["num_preemptions"]}
 
 
 def cpu_hit_vs_miss(model_dir: str, cfg: TierBenchConfig, rng: random.Random, vocab: int) -> dict:

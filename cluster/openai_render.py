@@ -145,12 +145,10 @@ class CompletionStreamer:
             index = prompt_index * self.n + c.index
             cursor = self.cursors.get(index)
             prefix: CompletionChoice | None = None
-            if cursor is None:
+            first = cursor is None
+            if first:
                 cursor = self.cursors[index] = ChoiceCursor()
-                if self.echo:
-                    prefix = self._echo_prefix(index, out, cursor)
-                elif self.token_ids:
-                    prefix = CompletionChoice(index=index, text="", token_ids=[])
+                prefix = self._echo_prefix(index, out, cursor) if self.echo else None
             delta = cursor.advance(c)
             if delta is None:
                 continue
@@ -159,7 +157,8 @@ class CompletionStreamer:
                 choice = prefix if choice is None else CompletionChoice(
                     index=index, text=prefix.text + choice.text, finish_reason=None, stop_reason=None,
                     logprobs=_concat(prefix.logprobs, choice.logprobs), token_ids=choice.token_ids)
-            if self.token_ids and prefix is not None:  # a choice's first chunk carries the prompt
+            if first and self.token_ids:  # a choice's first chunk carries the prompt
+                choice = choice or CompletionChoice(index=index, text="", token_ids=[])
                 choice.prompt_token_ids = list(out.prompt_token_ids)
             if choice is not None:
                 chunks.append(self._chunk(choice))
