@@ -6,7 +6,7 @@ server vs a cluster. It never starts a cluster or Ray itself; give it base
 URLs of OpenAI-compatible servers (``/v1/completions``, ``/v1/chat/completions``
 with SSE streaming):
 
-    python -m benchmarks.bench_cluster \\
+    python -m radixserve.benchmarks.bench_cluster \\
         --endpoint prefix_affinity=http://127.0.0.1:8000 --endpoint round_robin=http://127.0.0.1:8001 \\
         --model small-llama --api chat --users 16 --device 2xh100
 
@@ -37,13 +37,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks import drivers
-from benchmarks.bench_workloads import QUICK as ENGINE_QUICK
-from benchmarks.bench_workloads import WorkloadsBenchConfig
-from benchmarks.common import command_line, load_average, print_summary, workload_panels_plot, write_result
-from benchmarks.metrics import Run, Slo, aggregate, headline, round_ratios, summarize
-from benchmarks.workloads import (WORKLOADS, MultiTurnConfig, NoSharingConfig, RAGConfig, RequestSpec,
-                                  SharedPrefixConfig, TokenSpace, apply_overrides, shape, with_poisson_arrivals)
+from radixserve.benchmarks import drivers
+from radixserve.benchmarks.bench_workloads import QUICK as ENGINE_QUICK
+from radixserve.benchmarks.bench_workloads import WorkloadsBenchConfig
+from radixserve.benchmarks.common import command_line, load_average, print_summary, workload_panels_plot, write_result
+from radixserve.benchmarks.metrics import Run, Slo, aggregate, headline, round_ratios, summarize
+from radixserve.benchmarks.workloads import (
+    WORKLOADS,
+    MultiTurnConfig,
+    NoSharingConfig,
+    RAGConfig,
+    RequestSpec,
+    SharedPrefixConfig,
+    TokenSpace,
+    apply_overrides,
+    shape,
+    with_poisson_arrivals,
+)
 
 Deploy = Callable[[str], AbstractContextManager[str]]  # policy name -> context yielding a base URL
 
@@ -147,8 +157,8 @@ def run_one(cfg: ClusterBenchConfig, decode: Callable[[list[int]], str], name: s
 
 
 def load_tokenizer(model: str, cache_dir: str | None):
-    from engine.model.default_models import resolve_model
-    from engine.tokenizer import Tokenizer
+    from radixserve.engine.model.default_models import resolve_model
+    from radixserve.engine.tokenizer import Tokenizer
     return Tokenizer(resolve_model(model, cache_dir))
 
 
@@ -215,7 +225,7 @@ def main(argv: list[str] | None = None, setup: Deploy | None = None) -> dict:
     config = {**asdict(cfg), "device": args.device}
     path = write_result("cluster-quick" if args.quick else "cluster", config, measurements, summary,
                         Path(args.out_dir) if args.out_dir else None,
-                        command_line("benchmarks.bench_cluster", argv), device=args.device)
+                        command_line("radixserve.benchmarks.bench_cluster", argv), device=args.device)
     plot(path)
     print_summary(path, summary)
     return summary

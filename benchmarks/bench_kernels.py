@@ -12,8 +12,8 @@ which are the engine's CPU path, against plain SDPA on the same unpaged data, i.
 cost of paging on CPU. Without CUDA the JSON records ``"gpu": null`` and the reason;
 no GPU number is ever estimated.
 
-    python -m benchmarks.bench_kernels            # run, write JSON + PNG
-    python -m benchmarks.bench_kernels --plot-only benchmarks/results/kernels-cpu-2026-01-01.json
+    python -m radixserve.benchmarks.bench_kernels            # run, write JSON + PNG
+    python -m radixserve.benchmarks.bench_kernels --plot-only benchmarks/results/kernels-cpu-2026-01-01.json
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.common import command_line, cpu_model, env_info
-from kernels.paged_decode import paged_decode_attention_ref
-from kernels.prefix_prefill import prefix_prefill_attention_ref
-
-RESULTS_DIR = Path(__file__).parent / "results"
+from radixserve.benchmarks.common import RESULTS_DIR, command_line, cpu_model, env_info
+from radixserve.kernels.paged_decode import paged_decode_attention_ref
+from radixserve.kernels.prefix_prefill import prefix_prefill_attention_ref
 
 # Datasheet peak DRAM bandwidth in GB/s, matched against torch.cuda.get_device_name().
 PEAK_BANDWIDTH_GBPS = [
@@ -185,7 +183,7 @@ def measured_copy_bandwidth(device: str) -> float:
 def gpu_decode(device: str, gen: torch.Generator, batch: int = 64, ctx: int = 4096) -> dict:
     from triton.testing import do_bench
 
-    from kernels.paged_decode import default_num_splits, paged_decode_attention
+    from radixserve.kernels.paged_decode import default_num_splits, paged_decode_attention
 
     heads, kv_heads, head_dim, block_size, dtype = 32, 8, 128, 16, torch.bfloat16
     scale = head_dim ** -0.5
@@ -243,7 +241,7 @@ PREFILL_CASES = [("4 x 2048 new, no prefix", 4, 0, 2048), ("4 x 512 new over a 2
 def gpu_prefill(device: str, gen: torch.Generator, cases=PREFILL_CASES) -> list[dict]:
     from triton.testing import do_bench
 
-    from kernels.prefix_prefill import prefix_prefill_attention
+    from radixserve.kernels.prefix_prefill import prefix_prefill_attention
 
     heads, kv_heads, head_dim, block_size, dtype = 32, 8, 128, 16, torch.bfloat16
     scale = head_dim ** -0.5
@@ -406,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_name,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "command": command_line("benchmarks.bench_kernels", argv),
+        "command": command_line("radixserve.benchmarks.bench_kernels", argv),
         "env": env_info(),
         "gpu": gpu_section(gen) if has_cuda else None,
     }

@@ -18,8 +18,8 @@ a shared machine only ever slows a run down):
   base vs lora k=1            the LoRA path's cost on every token
   base vs lora-engine-base    a LoRA-enabled engine serving base-model requests (hook cost)
 
-    python -m benchmarks.bench_lora                 # small-llama
-    python -m benchmarks.bench_lora --quick         # seconds, on tiny-llama (smoke test)
+    python -m radixserve.benchmarks.bench_lora                 # small-llama
+    python -m radixserve.benchmarks.bench_lora --quick         # seconds, on tiny-llama (smoke test)
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from benchmarks.common import command_line, median, percentile, print_summary, write_result
-from engine import LLM, LoRARequest, SamplingParams
-from engine.lora.adapter import TARGET_MODULES, module_shapes
-from engine.model.default_models import resolve_model
-from engine.model.hf_config import load_arch_config
+from radixserve.benchmarks.common import command_line, median, percentile, print_summary, write_result
+from radixserve.engine import LLM, LoRARequest, SamplingParams
+from radixserve.engine.lora.adapter import TARGET_MODULES, module_shapes
+from radixserve.engine.model.default_models import resolve_model
+from radixserve.engine.model.hf_config import load_arch_config
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          / m["base | cache on"]["output_tok_per_s"])
     suite = "lora-quick" if args.quick else "lora"
     path = write_result(suite, asdict(cfg), m, summary, Path(args.out_dir) if args.out_dir else None,
-                        command=command_line("benchmarks.bench_lora", argv))
+                        command=command_line("radixserve.benchmarks.bench_lora", argv))
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
     print_summary(path, summary)
     return summary

@@ -9,8 +9,8 @@ Sections (each a ratio measured back to back on the same machine and weights):
   batching    mixed lengths without sharing: engine vs transformers generate with static
               batches (the best of several batch sizes, prompts sorted by length)
 
-    python -m benchmarks.bench_prefix                  # full size on small-llama
-    python -m benchmarks.bench_prefix --quick          # seconds, on tiny-llama (smoke test)
+    python -m radixserve.benchmarks.bench_prefix                  # full size on small-llama
+    python -m radixserve.benchmarks.bench_prefix --quick          # seconds, on tiny-llama (smoke test)
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, command_line, median, print_summary, write_result
-from engine import LLM, SamplingParams
-from engine.model.default_models import resolve_model
+from radixserve.benchmarks.common import bar_plot, command_line, median, print_summary, write_result
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.model.default_models import resolve_model
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(measurements)
     suite = "prefix-quick" if args.quick else "prefix"
     path = write_result(suite, asdict(cfg), measurements, summary, Path(args.out_dir) if args.out_dir else None,
-                        command_line("benchmarks.bench_prefix", argv))
+                        command_line("radixserve.benchmarks.bench_prefix", argv))
     plot(summary, path.with_suffix(".png"))
     print_summary(path, summary)
     return summary

@@ -10,8 +10,8 @@ request throughput, and load balance (max/mean requests per replica). The
 oracle is one unbounded radix cache replaying the same requests in the order
 they were sent: the hit rate no placement of requests could beat.
 
-    python -m benchmarks.bench_router            # tiny-llama, a few minutes on 2 CPU cores
-    python -m benchmarks.bench_router --quick
+    python -m radixserve.benchmarks.bench_router            # tiny-llama, a few minutes on 2 CPU cores
+    python -m radixserve.benchmarks.bench_router --quick
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
-from cluster.backend import request_namespace
-from engine.cache.hashing import prompt_block_hashes
-from engine.model.default_models import resolve_model
-from engine.tokenizer import Tokenizer
+from radixserve.benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
+from radixserve.cluster.backend import request_namespace
+from radixserve.engine.cache.hashing import prompt_block_hashes
+from radixserve.engine.model.default_models import resolve_model
+from radixserve.engine.tokenizer import Tokenizer
 
 WORDS = ("cache", "replica", "tenant", "block", "prefix", "router", "latency", "token", "policy", "memory",
          "request", "stream", "model", "answer", "system", "review", "contract", "invoice", "travel", "menu")
@@ -156,7 +156,7 @@ def oracle_hit_rate(turns: list[Turn], tok: Tokenizer, llm, block_size: int) -> 
     recomputed), then caches what the engine caches -- the full blocks of the
     prompt plus the generated tokens except the last. The generated tokens are
     recomputed offline (greedy, same weights), since the API returns text."""
-    from engine import SamplingParams
+    from radixserve.engine import SamplingParams
     order = sorted((t for t in turns if not t.error), key=lambda t: t.start)
     prompts = [tok.encode_chat(t.messages) for t in order]
     gen = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -195,8 +195,8 @@ def run_policy(cfg: RouterBenchConfig, policy: str, cache_dir: str | None, port:
                sessions: list[Session]) -> tuple[dict, list[Turn]]:
     from ray import serve
 
-    from cluster.app import ClusterConfig, build_application
-    from cluster.serve_cli import kill_metadata_actor
+    from radixserve.cluster.app import ClusterConfig, build_application
+    from radixserve.cluster.serve_cli import kill_metadata_actor
     keys = {f"key-tenant-{i}": f"tenant-{i}" for i in range(cfg.tenants)}
     app = build_application(ClusterConfig(
         model=cfg.model, num_replicas=cfg.replicas, router=policy, api_keys=keys,
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = RouterBenchConfig(**{**asdict(cfg), **overrides})
     import ray
     from ray import serve
-    from engine import LLM
+
+    from radixserve.engine import LLM
     model_dir = resolve_model(cfg.model, args.cache_dir)
     tok = Tokenizer(model_dir)
     oracle_llm = LLM(str(model_dir), max_model_len=2048)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     suite = "router-quick" if args.quick else f"router-{cfg.model}"
     path = write_result(suite, asdict(cfg), results, summary,
                         Path(args.out_dir) if args.out_dir else None,
-                        command=command_line("benchmarks.bench_router", argv))
+                        command=command_line("radixserve.benchmarks.bench_router", argv))
     rows = [(f"{pol}\nhit rate", r["hit_rate"], None) for pol, r in results.items()]
     rows += [("oracle\nhit rate", aff["oracle_hit_rate"], None),
              ("affinity TTFT p50\n/ pow2", summary["affinity_ttft_p50_over_pow2"], 1.0),

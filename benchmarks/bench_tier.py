@@ -10,8 +10,8 @@ questions (one per document) submitted together, as vLLM's long-document QA
 throughput benchmark does, so decoding is shared and total time is mostly
 prefill. A last section times a CPU-tier hit against a miss for one long prefix.
 
-    python -m benchmarks.bench_tier            # small-llama, ~5 minutes on 2 CPU cores
-    python -m benchmarks.bench_tier --quick    # tiny-llama, seconds
+    python -m radixserve.benchmarks.bench_tier            # small-llama, ~5 minutes on 2 CPU cores
+    python -m radixserve.benchmarks.bench_tier --quick    # tiny-llama, seconds
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
-from engine import LLM, SamplingParams
-from engine.model.default_models import resolve_model
+from radixserve.benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.model.default_models import resolve_model
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "cpu_hit_ttft_speedup_vs_miss": m["cpu_hit_vs_miss"]["speedup"]})
     path = write_result("tier-quick" if args.quick else "tier", asdict(cfg), m, summary,
                         Path(args.out_dir) if args.out_dir else None,
-                        command=command_line("benchmarks.bench_tier", argv))
+                        command=command_line("radixserve.benchmarks.bench_tier", argv))
     bar_plot(path.with_suffix(".png"), f"CPU tier, doc QA with a working set ~4x the device pool ({cfg.model})",
              [("GPU+CPU vs GPU-only\none at a time", summary["sequential_gpu_cpu_over_gpu_only_speedup"], 2.0),
               ("GPU+CPU vs GPU-only\nbatched rounds", summary["batched_gpu_cpu_over_gpu_only_speedup"], 2.0),

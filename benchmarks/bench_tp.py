@@ -5,7 +5,7 @@ gloo all-reduce per layer, so it is expected to be slower than TP=1; the point
 of running it here is the queue overhead, and that it works. GPU numbers need
 a machine with >= 2 GPUs.
 
-    python -m benchmarks.bench_tp [--quick] [--tp 2]
+    python -m radixserve.benchmarks.bench_tp [--quick] [--tp 2]
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
-from engine import LLM, SamplingParams
-from engine.model.default_models import resolve_model
-from engine.scheduler_output import SchedulerOutput
+from radixserve.benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.core.scheduler_output import SchedulerOutput
+from radixserve.engine.model.default_models import resolve_model
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                "greedy_tokens_identical": float(same)}
     path = write_result("tp-quick" if args.quick else "tp", asdict(cfg), m, summary,
                         Path(args.out_dir) if args.out_dir else None,
-                        command_line("benchmarks.bench_tp", argv))
+                        command_line("radixserve.benchmarks.bench_tp", argv))
     bar_plot(path.with_suffix(".png"), f"TP={cfg.tp} vs TP=1 ({cfg.model}, CPU gloo)",
              [(f"tok/s TP{cfg.tp}/TP1", summary[f"tp{cfg.tp}_over_tp1_tok_per_s"], None),
               ("queue step p50 (ms)", summary["queue_empty_step_p50_us"] / 1000, None)], "value")

@@ -26,11 +26,11 @@ no_sharing 10 x 512 tokens; 16-24 output tokens): 10 minutes on the 2-core
 development VM with another benchmark running beside it (less when idle).
 ``--quick``: tiny-llama, a few requests, seconds.
 
-    python -m benchmarks.bench_workloads                     # default size, small-llama
-    python -m benchmarks.bench_workloads --quick             # smoke size, tiny-llama
-    python -m benchmarks.bench_workloads --mode open --rate 0.5 --workloads rag \\
+    python -m radixserve.benchmarks.bench_workloads                     # default size, small-llama
+    python -m radixserve.benchmarks.bench_workloads --quick             # smoke size, tiny-llama
+    python -m radixserve.benchmarks.bench_workloads --mode open --rate 0.5 --workloads rag \\
         --set rag.documents=32 --set rag.working_set_over_pool=2 --ttft-slo 1.5
-    python -m benchmarks.bench_workloads --plot-only benchmarks/results/workloads-cpu-2026-11-23.json
+    python -m radixserve.benchmarks.bench_workloads --plot-only benchmarks/results/workloads-cpu-2026-11-23.json
 """
 from __future__ import annotations
 
@@ -46,11 +46,21 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks import drivers
-from benchmarks.common import command_line, load_average, print_summary, workload_panels_plot, write_result
-from benchmarks.metrics import Run, Slo, TierHits, aggregate, headline, round_ratios, summarize
-from benchmarks.workloads import (WORKLOADS, MultiTurnConfig, NoSharingConfig, RAGConfig, RequestSpec,
-                                  SharedPrefixConfig, TokenSpace, apply_overrides, shape, with_poisson_arrivals)
+from radixserve.benchmarks import drivers
+from radixserve.benchmarks.common import command_line, load_average, print_summary, workload_panels_plot, write_result
+from radixserve.benchmarks.metrics import Run, Slo, TierHits, aggregate, headline, round_ratios, summarize
+from radixserve.benchmarks.workloads import (
+    WORKLOADS,
+    MultiTurnConfig,
+    NoSharingConfig,
+    RAGConfig,
+    RequestSpec,
+    SharedPrefixConfig,
+    TokenSpace,
+    apply_overrides,
+    shape,
+    with_poisson_arrivals,
+)
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,7 @@ def _round_up(n: int, k: int) -> int:
 
 def run_engine(cfg: WorkloadsBenchConfig, model_dir: str, variant: Variant, workload: str,
                requests: Sequence[RequestSpec], rnd: int) -> Run:
-    from engine import AsyncLLMEngine
+    from radixserve.engine import AsyncLLMEngine
     kwargs = engine_kwargs(cfg, variant, workload, requests)
     engine = AsyncLLMEngine.from_kwargs(model_dir, **kwargs)
     try:
@@ -175,7 +185,7 @@ COUNTERS = ("prefix_cache_queries_tokens", "prefix_cache_hits_tokens", "prefix_c
 
 def _warm_up(engine: Any, output_len: int) -> None:
     """First-call costs (allocations, lazy inits) must not land on the first measured request."""
-    from engine.sampling import SamplingParams
+    from radixserve.engine.sampling_params import SamplingParams
     ids = [random.Random(-1).randrange(10, 200) for _ in range(12)]  # < one block: nothing gets cached
 
     async def go() -> None:
@@ -216,8 +226,8 @@ def plan(cfg: WorkloadsBenchConfig) -> list[tuple[int, str, str]]:
 
 
 def run_suite(cfg: WorkloadsBenchConfig, cache_dir: str | None) -> tuple[list[Run], dict]:
-    from engine.model.default_models import resolve_model
-    from engine.tokenizer import Tokenizer
+    from radixserve.engine.model.default_models import resolve_model
+    from radixserve.engine.tokenizer import Tokenizer
     model_dir = str(resolve_model(cfg.model, cache_dir))
     tokens = TokenSpace.from_tokenizer(Tokenizer(model_dir))
     requests = {w: make_requests(cfg, w, tokens) for w in cfg.workloads}
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "runs": [r.to_json() for r in runs]}
     path = write_result("workloads-quick" if args.quick else "workloads", config, measurements, summary,
                         Path(args.out_dir) if args.out_dir else None,
-                        command_line("benchmarks.bench_workloads", argv))
+                        command_line("radixserve.benchmarks.bench_workloads", argv))
     plot(path)
     print_summary(path, summary)
     return summary

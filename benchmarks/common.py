@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# Relative, so results land under the directory the user runs from (the checkout root
+# gives the committed benchmarks/results/), never inside an installed package.
+RESULTS_DIR = Path("benchmarks") / "results"
 
 
 def device_label() -> str:

@@ -39,8 +39,8 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from benchmarks.metrics import RequestRecord
-from benchmarks.workloads import RequestSpec, assemble_ids, assemble_messages, assemble_text, sessions
+from radixserve.benchmarks.metrics import RequestRecord
+from radixserve.benchmarks.workloads import RequestSpec, assemble_ids, assemble_messages, assemble_text, sessions
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class EngineTarget:
         pass
 
     async def send(self, spec, history, clock):
-        from engine.sampling import SamplingParams
+        from radixserve.engine.sampling_params import SamplingParams
         ids = assemble_ids(spec, [h.token_ids if h else None for h in history])
         params = SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
         submit, times, out = clock.now(), [], None

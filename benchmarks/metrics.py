@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from benchmarks.common import percentile
+from radixserve.benchmarks.common import percentile
 
 
 @dataclass(frozen=True)

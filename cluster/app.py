@@ -4,7 +4,7 @@
     radixserve serve --model tiny-llama            # the CLI calls build_application()
 
 ``build_app(args)`` takes the plain dict of a Serve config's ``args``; its keys
-are the fields of ``ClusterConfig`` plus any ``engine.llm.engine_config``
+are the fields of ``ClusterConfig`` plus any ``radixserve.engine.entrypoints.llm.engine_config``
 keyword (tensor_parallel_size, swap_space, block_size, ...).
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from cluster.ingress import OpenAIIngress
-from cluster.ray_launcher import replica_bundles
-from cluster.replica import LLMServer
-from cluster.router import PrefixAffinityRouter
-from cluster.routing import POLICIES, RouterConfig
-from engine.llm import engine_config
+from radixserve.cluster.ingress import OpenAIIngress
+from radixserve.cluster.ray_launcher import replica_bundles
+from radixserve.cluster.replica import LLMServer
+from radixserve.cluster.request_router import PrefixAffinityRouter
+from radixserve.cluster.routing_policy import POLICIES, RouterConfig
+from radixserve.engine.entrypoints.llm import engine_config
 
 
 @dataclass(frozen=True)

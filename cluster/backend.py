@@ -1,6 +1,6 @@
 """What the OpenAI HTTP layer needs from whatever serves the model.
 
-``Backend`` is the seam between ``cluster.openai_app`` (HTTP, validation,
+``Backend`` is the seam between ``cluster.openai_api.app`` (HTTP, validation,
 response shapes) and the thing that runs requests: ``LocalBackend`` wraps one
 in-process ``AsyncLLMEngine``; the Ray Serve ingress provides another that
 routes to replicas. Nothing here imports ray or fastapi.
@@ -21,11 +21,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 
-from engine.async_engine import AsyncLLMEngine, EngineDeadError
-from engine.lora.request import LoRARequest
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
+from radixserve.engine.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.lora.request import LoRARequest
+from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.tokenizer import Tokenizer
 
 LOCAL_REPLICA_ID = "local"
 

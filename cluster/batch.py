@@ -1,7 +1,7 @@
 """Batch inference as a Ray job, sharded by prefix affinity, resumable.
 
-    ray job submit --working-dir . -- python -m cluster.batch in.jsonl out.jsonl --model tiny-llama
-    python -m cluster.batch in.jsonl out.jsonl --num-engines 2        # local Ray
+    ray job submit --working-dir . -- python -m radixserve.cluster.batch in.jsonl out.jsonl --model tiny-llama
+    python -m radixserve.cluster.batch in.jsonl out.jsonl --num-engines 2        # local Ray
 
 Input rows: {"id": ..., "prompt": "..."} or {"messages": [...]} or
 {"prompt_token_ids": [...]}, optionally with sampling fields ("max_tokens",
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.sampling import SamplingParams
+from radixserve.engine.sampling_params import SamplingParams
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n",
                     "ignore_eos", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -105,8 +105,8 @@ def make_engine_actor():
     @ray.remote
     class BatchEngine:
         def __init__(self, engine_kwargs: dict):
-            from engine.llm import engine_config
-            from engine.llm_engine import LLMEngine
+            from radixserve.engine.core.llm_engine import LLMEngine
+            from radixserve.engine.entrypoints.llm import engine_config
             self.engine = LLMEngine(engine_config(**engine_kwargs))
 
         def run(self, shard_json: str):
@@ -141,8 +141,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
     import ray
     from tqdm import tqdm
 
-    from engine.model.default_models import resolve_model
-    from engine.tokenizer import Tokenizer
+    from radixserve.engine.model.default_models import resolve_model
+    from radixserve.engine.tokenizer import Tokenizer
     in_path, out_path = Path(args.input), Path(args.output)
     done = read_done(out_path)
     model_dir = resolve_model(engine_kwargs["model"], engine_kwargs.get("cache_dir"))
@@ -190,8 +190,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.cli import add_engine_flags, engine_kwargs
-    p = argparse.ArgumentParser(prog="python -m cluster.batch", description=__doc__.split("\n")[0])
+    from radixserve.cli import add_engine_flags, engine_kwargs
+    p = argparse.ArgumentParser(prog="python -m radixserve.cluster.batch", description=__doc__.split("\n")[0])
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--num-engines", type=int, default=2)

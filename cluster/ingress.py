@@ -17,18 +17,18 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from cluster.backend import Backend, BackendUnavailableError, GenerationStream
-from cluster.metadata import get_metadata_actor
-from cluster.openai_app import ServerConfig, build_app
-from cluster.protocol_wire import GenerateRequest, decode_item, encode_request
-from engine.cache.hashing import prompt_block_hashes
-from engine.lora.adapter import read_adapter
-from engine.lora.manager import adapter_namespace
-from engine.model.default_models import resolve_model
-from engine.model.hf_config import load_arch_config
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
+from radixserve.cluster.backend import Backend, BackendUnavailableError, GenerationStream
+from radixserve.cluster.metadata import get_metadata_actor
+from radixserve.cluster.openai_api.app import ServerConfig, build_app
+from radixserve.cluster.replica_wire import GenerateRequest, decode_item, encode_request
+from radixserve.engine.cache.hashing import prompt_block_hashes
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.lora.adapter import read_adapter
+from radixserve.engine.lora.manager import adapter_namespace
+from radixserve.engine.model.default_models import resolve_model
+from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 _RETRIES = 3  # attempts for a request whose replica vanished before answering

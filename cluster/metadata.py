@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.cache.events import BlockIndex, EventBatch, Snapshot
+from radixserve.engine.cache.events import BlockIndex, EventBatch, Snapshot
 
 ACTOR_NAME = "RadixCacheMetadata"
 ACTOR_NAMESPACE = "radixserve"
@@ -318,30 +318,30 @@ def get_metadata_actor(app_name: str, stale_after_s: float = 30.0):
 # -- msgpack payloads (everything between actors travels as msgpack bytes) -------------------
 
 def encode_batch(batch: EventBatch) -> bytes:
-    from engine import wire
+    from radixserve.engine.executor import wire
     return wire.encode("events", batch)
 
 
 def decode_batch(data: bytes) -> EventBatch:
-    from engine import wire
+    from radixserve.engine.executor import wire
     return wire.decode(data, {"events": EventBatch})[1]
 
 
 def encode_snapshot(snap: Snapshot) -> bytes:
-    from engine import wire
+    from radixserve.engine.executor import wire
     return wire.encode("snapshot", snap)
 
 
 def decode_snapshot(data: bytes) -> Snapshot:
-    from engine import wire
+    from radixserve.engine.executor import wire
     return wire.decode(data, {"snapshot": Snapshot})[1]
 
 
 def encode_delta(delta: Delta) -> bytes:
-    from engine import wire
+    from radixserve.engine.executor import wire
     return wire.encode("delta", delta)
 
 
 def decode_delta(data: bytes) -> Delta:
-    from engine import wire
+    from radixserve.engine.executor import wire
     return wire.decode(data, {"delta": Delta})[1]

@@ -3,7 +3,7 @@
 The replica deployment reserves a STRICT_PACK placement group (its own
 bundle plus one per rank), so the workers land on the replica's node and the
 engine-worker queue stays on 127.0.0.1. Each actor runs the same
-``engine.worker_main.run_worker`` loop as a local worker process.
+``radixserve.engine.worker.main.run_worker`` loop as a local worker process.
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine import wire
-from engine.launcher import WorkerHandle, WorkerLauncher
-from engine.worker_main import WorkerArgs
+from radixserve.engine.executor import wire
+from radixserve.engine.executor.launcher import WorkerHandle, WorkerLauncher
+from radixserve.engine.worker.main import WorkerArgs
 
 
 @ray.remote(max_restarts=0)
 class TPWorkerActor:
     def run(self, args_json: str) -> None:
-        from engine.worker_main import run_worker
+        from radixserve.engine.worker.main import run_worker
         run_worker(wire.from_plain(WorkerArgs, json.loads(args_json)))
 
 

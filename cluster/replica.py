@@ -18,13 +18,13 @@ from typing import Any
 
 from ray import serve
 
-from cluster.metadata import encode_batch, encode_snapshot, get_metadata_actor
-from cluster.protocol_wire import StreamItem, decode_request, encode_item
-from engine.async_engine import AsyncLLMEngine
-from engine.cache.hashing import HASH_SCHEME_VERSION
-from engine.llm import engine_config
-from engine.lora.request import LoRARequest
-from engine.sampling import SamplingParams
+from radixserve.cluster.metadata import encode_batch, encode_snapshot, get_metadata_actor
+from radixserve.cluster.replica_wire import StreamItem, decode_request, encode_item
+from radixserve.engine.cache.hashing import HASH_SCHEME_VERSION
+from radixserve.engine.entrypoints.async_engine import AsyncLLMEngine
+from radixserve.engine.entrypoints.llm import engine_config
+from radixserve.engine.lora.request import LoRARequest
+from radixserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class LLMServer:
         if cfg.parallel.tensor_parallel_size > 1:
             import torch
 
-            from cluster.ray_launcher import RayWorkerLauncher
+            from radixserve.cluster.ray_launcher import RayWorkerLauncher
             launcher = RayWorkerLauncher(use_gpu=torch.cuda.is_available())
         self.engine = AsyncLLMEngine(cfg, launcher=launcher, engine_id=self.replica_id)
         core = self.engine.engine

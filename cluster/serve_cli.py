@@ -46,8 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import ClusterConfig, build_application
-    from cluster.cli import engine_kwargs
+    from radixserve.cli import engine_kwargs
+    from radixserve.cluster.app import ClusterConfig, build_application
     cfg = ClusterConfig(model=args.model, num_replicas=args.num_replicas, router=args.router,
                         api_keys=_api_keys(args.api_key), served_model_name=args.served_model_name,
                         replica_cpus=args.replica_cpus, engine=engine_kwargs(args))
@@ -78,7 +78,7 @@ def kill_metadata_actor(app_name: str) -> None:
     """The metadata actor is detached (it outlives replicas); stop it with the app."""
     import ray
 
-    from cluster.metadata import ACTOR_NAMESPACE, actor_name
+    from radixserve.cluster.metadata import ACTOR_NAMESPACE, actor_name
     try:
         ray.kill(ray.get_actor(actor_name(app_name), namespace=ACTOR_NAMESPACE))
     except ValueError:
@@ -86,8 +86,8 @@ def kill_metadata_actor(app_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cluster.serve_cli`` == ``radixserve serve`` (the launch script uses it)."""
-    from cluster.cli import add_engine_flags
+    """``python -m radixserve.cluster.serve_cli`` == ``radixserve serve`` (the launch script uses it)."""
+    from radixserve.cli import add_engine_flags
     parser = argparse.ArgumentParser(prog="radixserve")
     add_serve_parser(parser.add_subparsers(dest="command", required=True), add_engine_flags)
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])

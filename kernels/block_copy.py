@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import cdiv, check_launch_device, tl, triton
+from radixserve.kernels._triton import cdiv, check_launch_device, tl, triton
 
 _BLOCK = 1024  # elements per program; one cache block is split across programs
 

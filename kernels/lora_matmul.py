@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import check_launch_device, next_power_of_2, tl, triton
+from radixserve.kernels._triton import check_launch_device, next_power_of_2, tl, triton
 
 
 def segments_from_token_slots(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

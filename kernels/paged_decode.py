@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, check_launch_device, next_power_of_2, tl, triton
+from radixserve.kernels._triton import cdiv, check_launch_device, next_power_of_2, tl, triton
 
 # Tokens per K/V tile; also the granularity of split boundaries.
 _BLOCK_N = 64

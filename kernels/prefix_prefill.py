@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, check_launch_device, next_power_of_2, tl, triton
+from radixserve.kernels._triton import cdiv, check_launch_device, next_power_of_2, tl, triton
 
 _BLOCK_M = 32  # query rows per program
 _BLOCK_N = 32  # keys per tile

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import check_launch_device, next_power_of_2, tl, triton
+from radixserve.kernels._triton import check_launch_device, next_power_of_2, tl, triton
 
 
 def _check_args(key, value, k_cache, v_cache, slot_mapping) -> None:

@@ -78,7 +78,7 @@ cmd_deploy() {
     esac
   done
   [ -n "$address" ] || die "deploy needs --address HEAD_IP:PORT"
-  $PY -m cluster.serve_cli --ray-address "$address" --port "$http_port" --detach "${rest[@]}"
+  $PY -m radixserve.cluster.serve_cli --ray-address "$address" --port "$http_port" --detach "${rest[@]}"
   wait_healthy "http://127.0.0.1:$http_port/health"
 }
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.cache.block_pool import BlockPool
-from engine.cache.events import CPU, EVICTED, GPU, STORED, EventLog
-from engine.cache.radix import RadixNode, RadixTree
-from engine.cache.tiering import CpuTier
-from engine.sequence import Sequence
+from radixserve.engine.cache.block_pool import BlockPool
+from radixserve.engine.cache.cpu_tier import CpuTier
+from radixserve.engine.cache.events import CPU, EVICTED, GPU, STORED, EventLog
+from radixserve.engine.cache.radix import RadixNode, RadixTree
+from radixserve.engine.core.sequence import Sequence
 
 
 def cdiv(a: int, b: int) -> int:

@@ -7,6 +7,6 @@
 - ``layers.py``: the per-linear LoRA hook (stacked A/B slot buffers) and the
   per-step segment batch; ``worker_lora.py``: a worker filling its slots.
 """
-from engine.lora.request import LoRARequest
+from radixserve.engine.lora.request import LoRARequest
 
 __all__ = ["LoRARequest"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import lora_matmul
+from radixserve.kernels import lora_matmul
 
 
 @dataclass

@@ -36,12 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.cache.hashing import root_hash
-from engine.config import LoRAConfig
-from engine.lora.adapter import ParsedAdapter, files_signature, read_adapter
-from engine.lora.request import LoRARequest
-from engine.model.hf_config import ArchConfig
-from engine.scheduler_output import LoRALoad
+from radixserve.engine.cache.hashing import root_hash
+from radixserve.engine.config import LoRAConfig
+from radixserve.engine.core.scheduler_output import LoRALoad
+from radixserve.engine.lora.adapter import ParsedAdapter, files_signature, read_adapter
+from radixserve.engine.lora.request import LoRARequest
+from radixserve.engine.model.hf_config import ArchConfig
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -19,12 +19,12 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from engine.config import LoRAConfig
-from engine.distributed import TPGroup
-from engine.lora.adapter import ROW_PARALLEL, ParsedAdapter, read_adapter
-from engine.lora.layers import LoRABatch, LoRAContext, LoRALinear, TorchLoRAOps, TritonLoRAOps
-from engine.model.hf_config import ArchConfig
-from engine.scheduler_output import LoRALoad, LoRALoadError
+from radixserve.engine.config import LoRAConfig
+from radixserve.engine.core.scheduler_output import LoRALoad, LoRALoadError
+from radixserve.engine.lora.adapter import ROW_PARALLEL, ParsedAdapter, read_adapter
+from radixserve.engine.lora.layers import LoRABatch, LoRAContext, LoRALinear, TorchLoRAOps, TritonLoRAOps
+from radixserve.engine.model.hf_config import ArchConfig
+from radixserve.engine.worker.distributed import TPGroup
 
 # (layer, module) -> this rank's (a, b * scaling), in the model dtype, on the host
 Shards = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import TPGroup
+from radixserve.engine.worker.distributed import TPGroup
 
 
 @dataclass(eq=False)

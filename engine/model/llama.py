@@ -10,11 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, TorchAttention, paged_attention
-from engine.distributed import TPGroup
-from engine.model.hf_config import ArchConfig
-from engine.model.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RotaryEmbedding,
-                                 RowParallelLinear, ShardTarget, VocabParallelEmbedding)
+from radixserve.engine.model.hf_config import ArchConfig
+from radixserve.engine.model.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    ShardTarget,
+    VocabParallelEmbedding,
+)
+from radixserve.engine.worker.attention import AttentionMetadata, TorchAttention, paged_attention
+from radixserve.engine.worker.distributed import TPGroup
 
 
 class LlamaAttention(nn.Module):

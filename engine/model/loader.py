@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.distributed import TPGroup
-from engine.model.hf_config import ArchConfig
-from engine.model.layers import ShardTarget
-from engine.model.llama import LlamaForCausalLM
+from radixserve.engine.model.hf_config import ArchConfig
+from radixserve.engine.model.layers import ShardTarget
+from radixserve.engine.model.llama import LlamaForCausalLM
+from radixserve.engine.worker.distributed import TPGroup
 
 # Checkpoint tensors that are derived, not parameters: skipped, not an error.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -39,9 +39,9 @@ def cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from cluster.app import ClusterConfig, build_application
-    from cluster.serve_cli import kill_metadata_actor
-    from engine.model.default_models import resolve_model
+    from radixserve.cluster.app import ClusterConfig, build_application
+    from radixserve.cluster.serve_cli import kill_metadata_actor
+    from radixserve.engine.model.default_models import resolve_model
     cache = str(tmp_path_factory.mktemp("cluster-models"))
     model_dir = resolve_model("tiny-llama", cache)
     ctx = ray.init(num_cpus=4, include_dashboard=False, namespace="serve")

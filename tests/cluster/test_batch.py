@@ -5,9 +5,9 @@ import json
 import subprocess
 import sys
 
-from cluster.batch import shard_by_prefix, Row
-from engine import LLM, SamplingParams
-from engine.model.default_models import resolve_model
+from radixserve.cluster.batch import Row, shard_by_prefix
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.model.default_models import resolve_model
 
 PREFIXES = ["Summarize the following policy for a new employee in two sentences. " * 2,
             "Translate the next sentence into plain English for a customer. " * 2,
@@ -21,7 +21,7 @@ def write_input(path, n=18):
 
 
 def run_batch(inp, out, cache, *extra):
-    cmd = [sys.executable, "-m", "cluster.batch", str(inp), str(out), "--model", "tiny-llama",
+    cmd = [sys.executable, "-m", "radixserve.cluster.batch", str(inp), str(out), "--model", "tiny-llama",
            "--cache-dir", cache, "--num-engines", "2", "--cpus-per-engine", "0.5", "--max-tokens", "6",
            *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -8,9 +8,9 @@ import time
 import httpx
 import pytest
 
-from cluster.routing import rendezvous
-from engine import LLM, SamplingParams
-from engine.cache.hashing import prompt_block_hashes
+from radixserve.cluster.routing_policy import rendezvous
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.cache.hashing import prompt_block_hashes
 
 from .conftest import KEYS
 
@@ -209,9 +209,8 @@ def test_load_200_concurrent_streams_no_errors_no_leaks(cluster):
 
 
 def test_lora_adapter_loaded_on_every_replica_and_served(cluster, tmp_path):
-    from engine.lora.request import LoRARequest
-    from engine.model.hf_config import load_arch_config
-
+    from radixserve.engine.lora.request import LoRARequest
+    from radixserve.engine.model.hf_config import load_arch_config
     from tests.cpu.test_lora import write_adapter
     path = write_adapter(tmp_path / "sql", load_arch_config(cluster.model_dir), seed=3)
     c = client(cluster)

@@ -1,9 +1,15 @@
-"""Shared fixtures: the embedded tiny model, generated once per test session."""
+"""Shared fixtures: the embedded tiny model (generated once per test session) and
+the OpenAI HTTP server over a real engine (tests/cpu/openai_harness.py)."""
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from engine.model.default_models import resolve_model
+from radixserve.cluster.backend import LocalBackend
+from radixserve.cluster.openai_api.app import ServerConfig, build_app
+from radixserve.engine import AsyncLLMEngine
+from radixserve.engine.model.default_models import resolve_model
+from tests.cpu.openai_harness import KEYS, MAX_LEN, MODEL, serve
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +29,35 @@ def hf_tiny(tiny_dir):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     return model.eval()
+
+
+# -- the OpenAI server of test_openai_*.py ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    eng = AsyncLLMEngine.from_kwargs(str(tiny_dir), max_model_len=MAX_LEN)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def backend(engine):
+    return LocalBackend(engine, model_name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def url(backend):
+    with serve(build_app(backend, ServerConfig())) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def keyed_url(backend):
+    with serve(build_app(backend, ServerConfig(api_keys=KEYS))) as base:
+        yield base
+
+
+@pytest.fixture
+def http():
+    with httpx.Client(timeout=60) as client:
+        yield client

@@ -2,8 +2,9 @@
 
 A uvicorn server on 127.0.0.1 (ephemeral port, background thread) serves
 ``build_app(LocalBackend(AsyncLLMEngine))`` on the embedded tiny model, so
-streaming and client disconnects go through real sockets. Test modules import
-the fixtures from here (they are module-scoped: one engine per test module).
+streaming and client disconnects go through real sockets. The fixtures built
+on it (``engine``, ``backend``, ``url``, ``keyed_url``, ``http``; module-scoped:
+one engine per test module) live in tests/cpu/conftest.py.
 """
 from __future__ import annotations
 
@@ -17,12 +18,7 @@ import uuid
 from collections.abc import Iterator
 
 import httpx
-import pytest
 import uvicorn
-
-from cluster.backend import LocalBackend
-from cluster.openai_app import ServerConfig, build_app
-from engine import AsyncLLMEngine
 
 MODEL = "tiny-llama"
 MAX_LEN = 2048  # room for the disconnect test's max_tokens=2000
@@ -48,36 +44,6 @@ def serve(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    eng = AsyncLLMEngine.from_kwargs(str(tiny_dir), max_model_len=MAX_LEN)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def backend(engine):
-    return LocalBackend(engine, model_name=MODEL)
-
-
-@pytest.fixture(scope="module")
-def url(backend):
-    with serve(build_app(backend, ServerConfig())) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def keyed_url(backend):
-    with serve(build_app(backend, ServerConfig(api_keys=KEYS))) as base:
-        yield base
-
-
-@pytest.fixture
-def http():
-    with httpx.Client(timeout=60) as client:
-        yield client
 
 
 # -- helpers ----------------------------------------------------------------------------------

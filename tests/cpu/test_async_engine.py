@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from engine import AsyncLLMEngine, LLM, SamplingParams
+from radixserve.engine import LLM, AsyncLLMEngine, SamplingParams
 
 
 @pytest.fixture(scope="module")

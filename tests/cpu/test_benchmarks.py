@@ -23,11 +23,20 @@ import pytest
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import StreamingResponse
 
-from benchmarks import drivers, workloads
-from benchmarks.common import percentile
-from benchmarks.metrics import RequestRecord, Run, Slo, TierHits, goodput, headline, round_ratios, summarize
-from benchmarks.workloads import (MultiTurnConfig, NoSharingConfig, RAGConfig, SharedPrefixConfig, TokenSpace,
-                                  assemble_ids, assemble_messages, assemble_text, sessions)
+from radixserve.benchmarks import drivers, workloads
+from radixserve.benchmarks.common import percentile
+from radixserve.benchmarks.metrics import RequestRecord, Run, Slo, TierHits, goodput, headline, round_ratios, summarize
+from radixserve.benchmarks.workloads import (
+    MultiTurnConfig,
+    NoSharingConfig,
+    RAGConfig,
+    SharedPrefixConfig,
+    TokenSpace,
+    assemble_ids,
+    assemble_messages,
+    assemble_text,
+    sessions,
+)
 
 TOKENS = TokenSpace(10, 2000)
 BENCH_DIR = Path(workloads.__file__).parent
@@ -153,7 +162,7 @@ def test_overrides_are_typed_and_validated():
 
 
 def drivers_free_suite():
-    from benchmarks.bench_workloads import WorkloadsBenchConfig
+    from radixserve.benchmarks.bench_workloads import WorkloadsBenchConfig
     return WorkloadsBenchConfig()
 
 
@@ -203,7 +212,7 @@ def test_ratios_are_taken_within_each_round():
     ratios = round_ratios(runs, "on")
     assert ratios["w"]["off"]["ttft_p50_speedup"] == [4.0, 2.0]
     assert ratios["w"]["off"]["throughput_gain"] == [2.0, 4.0]
-    from benchmarks.metrics import aggregate
+    from radixserve.benchmarks.metrics import aggregate
     s = headline(ratios, aggregate(runs), "on")
     assert s["w/ttft_p50_speedup_vs_off"] == 3.0 and s["w/throughput_gain_vs_off"] == 3.0
 
@@ -340,7 +349,7 @@ def suite_argv(suite: str, out: Path, cache_dir: str, stub_url: str) -> list[str
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_suite_quick(suite, tmp_path, model_cache_dir, tiny_dir, stub_server, one_torch_thread):
-    module = importlib.import_module(f"benchmarks.{suite}")
+    module = importlib.import_module(f"radixserve.benchmarks.{suite}")
     module.main(suite_argv(suite, tmp_path, model_cache_dir, stub_server[0]))
     results = list(tmp_path.glob("*-quick-*.json"))
     assert len(results) == 1, results
@@ -367,7 +376,7 @@ def test_suite_quick(suite, tmp_path, model_cache_dir, tiny_dir, stub_server, on
 
 
 def test_report_and_cli(tmp_path, model_cache_dir, one_torch_thread):
-    from benchmarks import bench_workloads, report
+    from radixserve.benchmarks import bench_workloads, report
     # A tiny results directory: one workloads result, rendered to a page with its table and plot.
     bench_workloads.main(["--quick", "--out-dir", str(tmp_path), "--cache-dir", model_cache_dir,
                           "--workloads", "shared_prefix", "--variants", "cache_on,cache_off"])
@@ -379,9 +388,9 @@ def test_report_and_cli(tmp_path, model_cache_dir, one_torch_thread):
     assert name in text and name.replace(".json", ".png") in text and "ttft_p50_speedup_vs_cache_off" in text
     project = (tmp_path / "PROJECT.md").read_text()
     assert "old" not in project and name in project and project.endswith("rest\n")
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--list"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "radixserve.cli", "bench", "--list"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and all(s in r.stdout for s in SUITES + ["report"])
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "no_such_suite"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "radixserve.cli", "bench", "no_such_suite"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "unknown benchmark suite" in r.stderr

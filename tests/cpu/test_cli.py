@@ -7,7 +7,7 @@ import sys
 
 
 def radixserve(*args: str, stdin: str | None = None, cache_dir: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cluster.cli", *args, "--cache-dir", cache_dir]
+    cmd = [sys.executable, "-m", "radixserve.cli", *args, "--cache-dir", cache_dir]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300)
 
 

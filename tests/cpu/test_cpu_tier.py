@@ -14,11 +14,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.cache.events import CPU, GPU, BlockIndex, EventLog
-from engine.cache.hashing import root_hash
-from engine.cache.kv_manager import KVCacheManager
-from engine.sampling import SamplingParams
-from engine.sequence import Request, Sequence
+from radixserve.engine.cache.events import CPU, GPU, BlockIndex, EventLog
+from radixserve.engine.cache.hashing import root_hash
+from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.core.sequence import Request, Sequence
+from radixserve.engine.sampling_params import SamplingParams
 
 BS = 4
 _ids = itertools.count()

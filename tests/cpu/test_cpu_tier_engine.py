@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.cache.events import BlockIndex
-from engine.cache_transfer import CacheTransferServer
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.cache.events import BlockIndex
+from radixserve.engine.cache.transfer import CacheTransferServer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 DOC = "The quarterly report covers revenue, costs, staffing and the outlook for next year. " * 4

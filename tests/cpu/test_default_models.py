@@ -11,10 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.model.default_models import (
-    EMBEDDED_MODELS, EOT_TOKEN, MARKER_FILE, SPECIAL_TOKENS, EmbeddedModelSpec, model_dir,
-    parameter_layout, resolve_model)
-from engine.tokenizer import Tokenizer
+from radixserve.engine.model.default_models import (
+    EMBEDDED_MODELS,
+    EOT_TOKEN,
+    MARKER_FILE,
+    SPECIAL_TOKENS,
+    EmbeddedModelSpec,
+    model_dir,
+    parameter_layout,
+    resolve_model,
+)
+from radixserve.engine.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = EMBEDDED_MODELS["tiny-llama"]
@@ -158,7 +165,7 @@ def test_next_token_distribution_is_not_uniform(tiny_model_dir, hf_tiny_model):
     assert sum(top1) / len(top1) > 0.05, top1
 
 
-_RESOLVE = ("import sys; from engine.model.default_models import resolve_model; "
+_RESOLVE = ("import sys; from radixserve.engine.model.default_models import resolve_model; "
             "print(resolve_model('tiny-llama', sys.argv[1]))")
 
 

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer, check_stop_token
-from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
+from radixserve.engine.core.detokenizer import IncrementalDetokenizer, check_stop_token
+from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.tokenizer import Tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

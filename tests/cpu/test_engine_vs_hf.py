@@ -8,11 +8,13 @@ projections, paged vs dense attention), measured at ~1e-6 here.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from radixserve.engine import LLM, SamplingParams
 
 LOGPROB_ATOL = 2e-4
 
@@ -87,10 +89,13 @@ def test_text_prompt_uses_same_tokens_as_hf(tiny_dir, hf_tiny):
     assert out.outputs[0].text == tok.decode(ref, skip_special_tokens=True)
 
 
-def test_transformers_ignores_our_kernels_package():
-    # Our top-level package is named `kernels`, like an optional transformers
-    # dependency (the HF kernel hub). transformers must not take ours for it.
-    import kernels
-    from transformers.utils import import_utils
-    assert "radixserve" in (kernels.__doc__ or "") or kernels.__file__
-    assert not import_utils.is_kernels_available()
+def test_transformers_ignores_our_kernels_package(tmp_path):
+    # Our kernels install as radixserve.kernels: nothing named `kernels` (the name of the
+    # HF kernel-hub package transformers probes for) lands in site-packages. Checked from a
+    # directory outside the checkout, whose root pytest puts on sys.path.
+    code = ("import importlib.util, sys; from transformers.utils import import_utils; "
+            "assert importlib.util.find_spec('radixserve.kernels') is not None; "
+            "assert importlib.util.find_spec('kernels') is None, 'a top-level kernels is installed'; "
+            "assert importlib.util.find_spec('engine') is None, 'a top-level engine is installed'; "
+            "assert not import_utils.is_kernels_available()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

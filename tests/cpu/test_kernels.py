@@ -19,10 +19,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.block_copy import copy_blocks_ref, swap_blocks_ref
-from kernels.paged_decode import default_num_splits, paged_decode_attention_ref
-from kernels.prefix_prefill import prefix_prefill_attention_ref
-from kernels.reshape_and_cache import reshape_and_cache_ref
+from radixserve.kernels.block_copy import copy_blocks_ref, swap_blocks_ref
+from radixserve.kernels.paged_decode import default_num_splits, paged_decode_attention_ref
+from radixserve.kernels.prefix_prefill import prefix_prefill_attention_ref
+from radixserve.kernels.reshape_and_cache import reshape_and_cache_ref
 
 # Output tolerance per dtype, for every attention comparison (kernel vs reference and
 # reference vs naive). fp16/bf16 kernels round the softmax probabilities to the input
@@ -170,8 +170,8 @@ def run_prefill(fn, case: PrefillCase) -> torch.Tensor:
 def triton_device() -> str:
     """Where the Triton kernels can run here: 'cpu' under the interpreter, else 'cuda'."""
     pytest.importorskip("triton")
-    from kernels._triton import is_interpreted
-    from kernels.paged_decode import _paged_decode_kernel
+    from radixserve.kernels._triton import is_interpreted
+    from radixserve.kernels.paged_decode import _paged_decode_kernel
 
     if is_interpreted(_paged_decode_kernel):
         return "cpu"
@@ -208,7 +208,7 @@ def test_decode_reference_matches_naive(group, num_kv_heads, head_dim, block_siz
 
 
 def test_decode_reference_in_several_chunks():
-    from kernels.paged_decode import _REF_GATHER_BUDGET_BYTES, _sequence_chunks
+    from radixserve.kernels.paged_decode import _REF_GATHER_BUDGET_BYTES, _sequence_chunks
 
     # budget of 10 padded tokens: [3, 5] pads to 2 x 5; adding 2 would make 3 x 5
     assert _sequence_chunks([3, 5, 2, 9], _REF_GATHER_BUDGET_BYTES // 10) == [(0, 2), (2, 3), (3, 4)]
@@ -287,7 +287,7 @@ def test_references_import_and_run_without_triton():
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
 import torch
-from kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
+from radixserve.kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
 import kernels.block_copy, kernels.prefix_prefill, kernels.reshape_and_cache
 q = torch.randn(1, 2, 16); cache = torch.randn(2, 4, 1, 16)
 table = torch.tensor([[1, 0]], dtype=torch.int32); lens = torch.tensor([6], dtype=torch.int32)
@@ -313,7 +313,7 @@ def test_default_num_splits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 16), (3, 80)])
 def test_reshape_and_cache_triton(triton_device, dtype, num_kv_heads, head_dim):
-    from kernels.reshape_and_cache import reshape_and_cache
+    from radixserve.kernels.reshape_and_cache import reshape_and_cache
 
     gen = torch.Generator().manual_seed(1)
     # key/value as strided slices of a fused projection, as the model produces them
@@ -343,7 +343,7 @@ DECODE_TRITON_CASES = [
 
 @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,dtype,num_splits,hole", DECODE_TRITON_CASES)
 def test_paged_decode_triton(triton_device, group, num_kv_heads, head_dim, block_size, dtype, num_splits, hole):
-    from kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.paged_decode import paged_decode_attention
 
     skip_if_interpreted_bf16(dtype, triton_device)
     case = make_decode_case([1, 7, 33, 130], group, num_kv_heads, head_dim, block_size, dtype, triton_device, hole)
@@ -356,7 +356,7 @@ def test_paged_decode_triton(triton_device, group, num_kv_heads, head_dim, block
 @pytest.mark.parametrize("head_dim", [16, 64, 80])
 @pytest.mark.parametrize("num_splits", [1, 16])  # 16: most splits of the short sequences are empty
 def test_paged_decode_triton_sweep(triton_device, group, head_dim, num_splits):
-    from kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.paged_decode import paged_decode_attention
 
     case = make_decode_case([300, 1, 64, 65, 17], group, 2, head_dim, 16, torch.float16, triton_device,
                             "garbage", seed=group * head_dim)
@@ -366,8 +366,8 @@ def test_paged_decode_triton_sweep(triton_device, group, head_dim, num_splits):
 
 def test_decode_reads_key_written_by_reshape_and_cache(triton_device):
     """The engine's decode step: write the new token's K/V, then attend over the whole sequence."""
-    from kernels.paged_decode import paged_decode_attention
-    from kernels.reshape_and_cache import reshape_and_cache
+    from radixserve.kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.reshape_and_cache import reshape_and_cache
 
     case = make_decode_case([5, 16, 21], 2, 2, 32, 8, torch.float32, triton_device)
     lens = case.seq_lens.long()
@@ -399,7 +399,7 @@ PREFILL_TRITON_CASES = [
                          PREFILL_TRITON_CASES)
 def test_prefix_prefill_triton(triton_device, prefix_lens, new_lens, group, num_kv_heads, head_dim, block_size,
                                dtype, hole):
-    from kernels.prefix_prefill import prefix_prefill_attention
+    from radixserve.kernels.prefix_prefill import prefix_prefill_attention
 
     skip_if_interpreted_bf16(dtype, triton_device)
     case = make_prefill_case(prefix_lens, new_lens, group, num_kv_heads, head_dim, block_size, dtype,
@@ -412,7 +412,7 @@ def test_prefix_prefill_triton(triton_device, prefix_lens, new_lens, group, num_
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("prefix_len", [0, 5, 33, 100])  # 33: one past a tile edge
 def test_prefix_prefill_triton_sweep(triton_device, group, prefix_len):
-    from kernels.prefix_prefill import prefix_prefill_attention
+    from radixserve.kernels.prefix_prefill import prefix_prefill_attention
 
     # three sequences sharing the prefix length, with ragged new lengths across tile edges
     case = make_prefill_case([prefix_len] * 3, [1, 31, 66], group, 2, 32, 16, torch.float16, triton_device,
@@ -423,7 +423,7 @@ def test_prefix_prefill_triton_sweep(triton_device, group, prefix_len):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_copy_and_swap_blocks_triton(triton_device, dtype):
-    from kernels.block_copy import copy_blocks, swap_blocks, swap_in, swap_out
+    from radixserve.kernels.block_copy import copy_blocks, swap_blocks, swap_in, swap_out
 
     gen = torch.Generator().manual_seed(2)
     pool = torch.randn(2, 2, 9, 4, 3, 40, generator=gen).to(dtype).to(triton_device)  # block: 480 elements
@@ -453,7 +453,7 @@ def test_copy_and_swap_blocks_triton(triton_device, dtype):
 
 
 def test_launchers_reject_bad_arguments(triton_device):
-    from kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.paged_decode import paged_decode_attention
 
     case = make_decode_case([3, 9], 2, 1, 16, 4, torch.float32, triton_device)
     with pytest.raises(AssertionError, match="block_tables must be int32"):

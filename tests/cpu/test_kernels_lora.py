@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_matmul import lora_expand_ref, lora_shrink_ref, segments_from_token_slots
+from radixserve.kernels.lora_matmul import lora_expand_ref, lora_shrink_ref, segments_from_token_slots
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),
        torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
@@ -75,7 +75,7 @@ def test_segments_from_token_slots():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["decode_mixed", "prefill_long", "base_between"])
 def test_triton_matches_reference(case, dtype):
-    from kernels.lora_matmul import lora_expand, lora_shrink
+    from radixserve.kernels.lora_matmul import lora_expand, lora_shrink
     lens, slots = CASES[case]
     dev = _device()
     if dtype == torch.bfloat16 and dev == "cpu":
@@ -96,7 +96,7 @@ def test_triton_matches_reference(case, dtype):
 def test_triton_fused_subprojections_with_column_views():
     """A fused q/k/v-style layer: one shrink over stacked A, one expand per sub-projection
     reading a column slice of xa and writing its own column range of y."""
-    from engine.lora.layers import LoRABatch, LoRAContext, LoRALinear, TorchLoRAOps, TritonLoRAOps
+    from radixserve.engine.lora.layers import LoRABatch, LoRAContext, LoRALinear, TorchLoRAOps, TritonLoRAOps
     gen = torch.Generator().manual_seed(1)
     dev = _device()
     outs = [32, 16, 16]
@@ -124,7 +124,7 @@ def test_triton_fused_subprojections_with_column_views():
 
 
 def test_launchers_reject_bad_arguments():
-    from kernels.lora_matmul import lora_shrink
+    from radixserve.kernels.lora_matmul import lora_shrink
     x, a, b, indptr, seg, _, longest = make_case([4], [0], 1, 16, 8, 16, torch.float32, _device())
     with pytest.raises(AssertionError, match="int32"):
         lora_shrink(x, a, indptr.long(), seg, longest)

@@ -13,11 +13,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.cache.block_pool import FreeBlockQueue
-from engine.cache.hashing import prompt_block_hashes, root_hash
-from engine.cache.kv_manager import KVCacheManager
-from engine.sampling import SamplingParams
-from engine.sequence import Request, Sequence
+from radixserve.engine.cache.block_pool import FreeBlockQueue
+from radixserve.engine.cache.hashing import prompt_block_hashes, root_hash
+from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.core.sequence import Request, Sequence
+from radixserve.engine.sampling_params import SamplingParams
 
 BS = 4
 _ids = itertools.count()

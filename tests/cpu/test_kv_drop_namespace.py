@@ -2,7 +2,7 @@
 (what unloading a LoRA adapter does), leaving other namespaces and referenced blocks."""
 from __future__ import annotations
 
-from engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.cache.kv_manager import KVCacheManager
 
 from .test_kv_cache import compute, make_seq
 
@@ -41,7 +41,7 @@ def test_dropped_blocks_are_plain_free():
 
 
 def test_drop_namespace_covers_the_cpu_tier_and_events():
-    from engine.cache.events import BlockIndex, EventLog
+    from radixserve.engine.cache.events import BlockIndex, EventLog
 
     from .test_cpu_tier import tree_tiers
     log = EventLog("e")

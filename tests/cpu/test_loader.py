@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
-from engine.model.hf_config import load_arch_config
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.model.hf_config import load_arch_config
 
 from .test_engine_vs_hf import assert_matches_hf, random_prompts
 
@@ -123,8 +123,8 @@ def test_max_model_len_beyond_model_limit(tiny_dir):
 def test_loads_only_this_ranks_slice(tiny_dir):
     # Sharded loading: rank 1 of 2 gets the second half of q/k/v rows and the
     # second half of o_proj's input columns, read straight from safetensors.
-    from engine.distributed import TPGroup
-    from engine.model.loader import build_model
+    from radixserve.engine.model.loader import build_model
+    from radixserve.engine.worker.distributed import TPGroup
     arch = load_arch_config(tiny_dir)
     full = load_file(tiny_dir / "model.safetensors")
     model = build_model(arch, tiny_dir, TPGroup(1, 2), torch.float32, torch.device("cpu"), 64)

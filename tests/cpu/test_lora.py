@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, LoRARequest, SamplingParams, wire
-from engine.lora.adapter import TARGET_MODULES, module_shapes
-from engine.model.hf_config import load_arch_config
-from engine.scheduler_output import (LoRALoad, LoRALoadError, ScheduledSeq, SchedulerOutput,
-                                     StepResult)
-from engine.worker_main import ENGINE_TO_WORKER, WORKER_TO_ENGINE, StepReply
+from radixserve.engine import LLM, LoRARequest, SamplingParams
+from radixserve.engine.core.scheduler_output import LoRALoad, LoRALoadError, ScheduledSeq, SchedulerOutput, StepResult
+from radixserve.engine.executor import wire
+from radixserve.engine.lora.adapter import TARGET_MODULES, module_shapes
+from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.worker.main import ENGINE_TO_WORKER, WORKER_TO_ENGINE, StepReply
 
 from .test_engine_vs_hf import hf_greedy, random_prompts
 
@@ -267,7 +267,7 @@ def test_tp2_with_adapters_equals_tp1(tiny_dir, adapters, llm, prompts):
 
 
 def test_async_engine_loads_adapter_on_first_use(tiny_dir, adapters, llm, prompts):
-    from engine import AsyncLLMEngine
+    from radixserve.engine import AsyncLLMEngine
     eng = AsyncLLMEngine.from_kwargs(str(tiny_dir), enable_lora=True, max_lora_rank=8, max_model_len=512)
 
     async def go():
@@ -392,17 +392,17 @@ def test_lora_fields_cross_the_wire():
 
 
 def test_lora_modules_flag_parsing(adapters):
-    from engine.llm import engine_config, parse_lora_modules
+    from radixserve.engine.entrypoints.llm import engine_config, parse_lora_modules
     assert parse_lora_modules(["a=/p/a", "b=/p/b"]) == (("a", "/p/a"), ("b", "/p/b"))
     assert parse_lora_modules({"a": "/p"}) == parse_lora_modules([LoRARequest("a", "/p")]) == (("a", "/p"),)
     with pytest.raises(ValueError, match="name=path"):
         parse_lora_modules(["just-a-path"])
     cfg = engine_config(enable_lora=True, max_loras=3, lora_modules=[f"x={adapters['qv']}"])
     assert cfg.lora.max_loras == 3 and cfg.lora.lora_modules == (("x", str(adapters["qv"])),)
-    from engine.config import EngineConfig  # the config crosses to TP workers as JSON
+    from radixserve.engine.config import EngineConfig  # the config crosses to TP workers as JSON
     assert wire.from_plain(EngineConfig, json.loads(json.dumps(wire.to_plain(cfg)))) == cfg
     with pytest.raises(ValueError, match="duplicate adapter names"):
         engine_config(enable_lora=True, lora_modules=["x=/a", "x=/b"])
-    from cluster.cli import build_parser, engine_kwargs
+    from radixserve.cli import build_parser, engine_kwargs
     args = build_parser().parse_args(["generate", "hi", "--enable-lora", "true", "--lora-modules", "a=/p/a", "b=/p"])
     assert engine_kwargs(args)["lora_modules"] == ["a=/p/a", "b=/p"]

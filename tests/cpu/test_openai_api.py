@@ -13,11 +13,10 @@ import uuid
 import httpx
 import pytest
 
-from cluster.backend import request_namespace
-from engine import LLM, SamplingParams
-from engine.cache.hashing import prompt_block_hashes
-from tests.cpu.openai_harness import (MAX_LEN, MODEL, aborted, backend, engine, greedy, http,  # noqa: F401
-                                      keyed_url, post_sse, unique_ids, url, wait_idle)
+from radixserve.cluster.backend import request_namespace
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.cache.hashing import prompt_block_hashes
+from tests.cpu.openai_harness import MAX_LEN, MODEL, aborted, greedy, post_sse, unique_ids, wait_idle
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.backend import GenerationStream, LocalBackend
-from cluster.openai_app import ServerConfig, attach_backend, build_app
-from engine.outputs import CompletionOutput, RequestOutput
-from tests.cpu.openai_harness import (MAX_LEN, MODEL, assert_error, backend, engine, greedy, http,  # noqa: F401
-                                      keyed_url, post_sse, serve, url)
-
+from radixserve.cluster.backend import GenerationStream, LocalBackend
+from radixserve.cluster.openai_api.app import ServerConfig, attach_backend, build_app
+from radixserve.engine.entrypoints.outputs import CompletionOutput, RequestOutput
+from tests.cpu.openai_harness import MAX_LEN, MODEL, assert_error, greedy, post_sse, serve
 
 # -- auth ---------------------------------------------------------------------------------------------
 

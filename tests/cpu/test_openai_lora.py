@@ -5,13 +5,13 @@ import threading
 
 import pytest
 
-from cluster.backend import LocalBackend
-from cluster.openai_app import ServerConfig, build_app
-from engine import LLM, AsyncLLMEngine, SamplingParams
-from engine.lora.request import LoRARequest
-from engine.model.hf_config import load_arch_config
+from radixserve.cluster.backend import LocalBackend
+from radixserve.cluster.openai_api.app import ServerConfig, build_app
+from radixserve.engine import LLM, AsyncLLMEngine, SamplingParams
+from radixserve.engine.lora.request import LoRARequest
+from radixserve.engine.model.hf_config import load_arch_config
+from tests.cpu.openai_harness import serve, unique_ids
 
-from .openai_harness import http, serve, unique_ids  # noqa: F401  (http is a fixture)
 from .test_lora import write_adapter
 
 MODEL = "tiny-llama"

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.metadata import CacheDirectory, FingerprintMismatch, LocalIndex
-from cluster.routing import ReplicaState, RouterConfig, RoutingPolicy, rendezvous
-from engine.cache.events import BlockIndex, EventLog
-from engine.cache.hashing import prompt_block_hashes
-from engine.cache.kv_manager import KVCacheManager
+from radixserve.cluster.metadata import CacheDirectory, FingerprintMismatch, LocalIndex
+from radixserve.cluster.routing_policy import ReplicaState, RouterConfig, RoutingPolicy, rendezvous
+from radixserve.engine.cache.events import EventLog
+from radixserve.engine.cache.hashing import prompt_block_hashes
+from radixserve.engine.cache.kv_manager import KVCacheManager
 
 from .test_cpu_tier import run_seq
 
 
 def directory_with(events_by_replica: dict[str, EventLog]) -> CacheDirectory:
-    from engine.cache.events import Snapshot
+    from radixserve.engine.cache.events import Snapshot
     d = CacheDirectory()
     for r, log in events_by_replica.items():
         d.register(r, "fp")
@@ -53,7 +53,7 @@ def test_gap_asks_for_snapshot_and_snapshot_resyncs():
     log.drain()  # lost on the way
     run_seq(kv, [50 + i for i in range(9)])
     assert not d.push("a", log.drain())  # gap: the actor wants a snapshot
-    from engine.cache.events import Snapshot, SnapshotEntry
+    from radixserve.engine.cache.events import Snapshot, SnapshotEntry
     snap = Snapshot("a", log.next_seq - 1, [SnapshotEntry(n.block_hash, None, n.root, ["gpu"])
                                             for n in kv.tree.nodes()])
     d.push_snapshot("a", snap)

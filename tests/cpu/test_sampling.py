@@ -7,7 +7,8 @@ import msgpack
 import pytest
 import torch
 
-from engine.sampling import MAX_LOGPROBS, Sampler, SamplingParams, SeqSamplingState, derive_seed
+from radixserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from radixserve.engine.worker.sampler import Sampler, SeqSamplingState, derive_seed
 
 EOS = 2
 

@@ -12,13 +12,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from engine.cache.hashing import root_hash
-from engine.cache.kv_manager import KVCacheManager
-from engine.config import SchedulerConfig
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
-from engine.scheduler_output import SampledToken, StepResult
-from engine.sequence import Request, Sequence, SeqStatus
+from radixserve.engine.cache.hashing import root_hash
+from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.config import SchedulerConfig
+from radixserve.engine.core.scheduler import Scheduler
+from radixserve.engine.core.scheduler_output import SampledToken, StepResult
+from radixserve.engine.core.sequence import Request, SeqStatus, Sequence
+from radixserve.engine.sampling_params import SamplingParams
 
 BS = 4
 EOS = 3

@@ -9,9 +9,10 @@ import msgpack
 import pytest
 import zmq
 
-from engine import LLM, SamplingParams, wire
-from engine.scheduler_output import SchedulerOutput
-from engine.worker_main import ENGINE_TO_WORKER
+from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.core.scheduler_output import SchedulerOutput
+from radixserve.engine.executor import wire
+from radixserve.engine.worker.main import ENGINE_TO_WORKER
 
 from .test_loader import mistral_dir  # noqa: F401  (GQA fixture: 1 KV head)
 

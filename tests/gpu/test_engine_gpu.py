@@ -9,12 +9,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def small_dir(tmp_path_factory):
-    from engine.model.default_models import resolve_model
+    from radixserve.engine.model.default_models import resolve_model
     return resolve_model("small-llama", str(tmp_path_factory.mktemp("models")))
 
 
 def _greedy(model_dir, backend: str, dtype: str):
-    from engine import LLM, SamplingParams
+    from radixserve.engine import LLM, SamplingParams
     llm = LLM(str(model_dir), attention_backend=backend, dtype=dtype, max_model_len=4096,
               gpu_memory_utilization=0.5)
     prompts = ["The capital of France is", "A long shared prefix " * 100 + "and a question?",
@@ -35,7 +35,7 @@ def test_triton_backend_matches_torch_backend(small_dir, dtype):
 
 
 def test_cpu_tier_on_cuda(small_dir):
-    from engine import LLM, SamplingParams
+    from radixserve.engine import LLM, SamplingParams
     llm = LLM(str(small_dir), num_gpu_blocks=256, swap_space=1, max_model_len=4096)
     doc = "A document that will travel to the CPU tier and back. " * 150
     first = llm.generate([doc + "Q1"], SamplingParams(temperature=0, max_tokens=8))[0]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.block_copy import copy_blocks_ref, swap_blocks_ref
-from kernels.paged_decode import paged_decode_attention_ref
-from kernels.prefix_prefill import prefix_prefill_attention_ref
-from kernels.reshape_and_cache import reshape_and_cache_ref
+from radixserve.kernels.block_copy import copy_blocks_ref, swap_blocks_ref
+from radixserve.kernels.paged_decode import paged_decode_attention_ref
+from radixserve.kernels.prefix_prefill import prefix_prefill_attention_ref
+from radixserve.kernels.reshape_and_cache import reshape_and_cache_ref
 from tests.cpu.test_kernels import assert_close, make_decode_case, make_prefill_case, run_decode, run_prefill
 
 
@@ -20,8 +20,8 @@ def _compiled_kernels_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        from kernels._triton import is_interpreted
-        from kernels.paged_decode import _paged_decode_kernel
+        from radixserve.kernels._triton import is_interpreted
+        from radixserve.kernels.paged_decode import _paged_decode_kernel
     except ImportError:
         return False
     return not is_interpreted(_paged_decode_kernel)
@@ -35,7 +35,7 @@ DEVICE = "cuda"
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_splits", [None, 1, 8])
 def test_paged_decode_64_seqs_4096_ctx(dtype, num_splits):
-    from kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.paged_decode import paged_decode_attention
 
     case = make_decode_case([4096] * 64, 4, 8, 128, 16, dtype, DEVICE, "garbage")
     assert_close(run_decode(paged_decode_attention, case, num_splits=num_splits),
@@ -44,7 +44,7 @@ def test_paged_decode_64_seqs_4096_ctx(dtype, num_splits):
 
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
 def test_paged_decode_ragged(num_splits):
-    from kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.paged_decode import paged_decode_attention
 
     gen = torch.Generator().manual_seed(0)
     lens = torch.randint(1, 4097, (64,), generator=gen).tolist()
@@ -58,7 +58,7 @@ def test_paged_decode_ragged(num_splits):
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_paged_decode_shapes(dtype, group, head_dim, block_size):
-    from kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.paged_decode import paged_decode_attention
 
     case = make_decode_case([1, 15, 16, 17, 1000, 2049, 333, 64], group, 4, head_dim, block_size, dtype, DEVICE,
                             "garbage", seed=group * head_dim)
@@ -69,7 +69,7 @@ def test_paged_decode_shapes(dtype, group, head_dim, block_size):
 
 def test_paged_decode_cuda_graph_replay():
     """The launcher needs no host sync, so the engine can capture decode in a CUDA graph."""
-    from kernels.paged_decode import paged_decode_attention
+    from radixserve.kernels.paged_decode import paged_decode_attention
 
     case = make_decode_case([100, 2000, 4000, 37], 4, 8, 128, 16, torch.bfloat16, DEVICE)
     stream = torch.cuda.Stream()
@@ -89,7 +89,7 @@ def test_paged_decode_cuda_graph_replay():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_prefix_prefill_real_shapes(dtype, group):
-    from kernels.prefix_prefill import prefix_prefill_attention
+    from radixserve.kernels.prefix_prefill import prefix_prefill_attention
 
     num_kv_heads = 32 // group
     case = make_prefill_case([0, 2048, 1000, 4096, 16], [2048, 512, 77, 1, 300], group, num_kv_heads, 128, 16, dtype,
@@ -100,14 +100,14 @@ def test_prefix_prefill_real_shapes(dtype, group):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_prefix_prefill_other_head_dims(dtype, head_dim):
-    from kernels.prefix_prefill import prefix_prefill_attention
+    from radixserve.kernels.prefix_prefill import prefix_prefill_attention
 
     case = make_prefill_case([0, 160, 33], [700, 64, 129], 2, 4, head_dim, 16, dtype, DEVICE, "minus_one")
     assert_close(run_prefill(prefix_prefill_attention, case), run_prefill(prefix_prefill_attention_ref, case), dtype)
 
 
 def test_reshape_and_cache_real_shapes():
-    from kernels.reshape_and_cache import reshape_and_cache
+    from radixserve.kernels.reshape_and_cache import reshape_and_cache
 
     num_tokens, num_blocks, block_size, heads, head_dim = 8192, 1024, 16, 8, 128
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -122,7 +122,7 @@ def test_reshape_and_cache_real_shapes():
 
 
 def test_copy_and_swap_blocks_real_shapes():
-    from kernels.block_copy import copy_blocks, swap_blocks
+    from radixserve.kernels.block_copy import copy_blocks, swap_blocks
 
     shape = (4, 2, 512, 16, 8, 128)  # [layers, K/V, blocks, block_size, kv_heads, head_dim]
     gen = torch.Generator(device=DEVICE).manual_seed(0)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_matmul import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+from radixserve.kernels.lora_matmul import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
 from tests.cpu.test_kernels_lora import TOL, make_case
 
 
 def _compiled_kernels_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    from kernels._triton import is_interpreted
-    from kernels.lora_matmul import _lora_shrink_kernel
+    from radixserve.kernels._triton import is_interpreted
+    from radixserve.kernels.lora_matmul import _lora_shrink_kernel
     return not is_interpreted(_lora_shrink_kernel)
 
 

@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.cache.hashing import hash_full_blocks
-from engine.sampling import SamplingParams
+from radixserve.engine.cache.hashing import hash_full_blocks
+from radixserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.lora.manager import LoRAAdapter
+    from radixserve.engine.lora.manager import LoRAAdapter
 
 
 class SeqStatus(enum.Enum):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.sampling import SamplingParams
+from radixserve.engine.sampling_params import SamplingParams
 
 # Prompt tokens decoded with the first output token: byte-level BPE needs none,
 # but SentencePiece-style decoders drop the leading space of the first token of

@@ -22,17 +22,46 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.backend import Backend, request_namespace
-from cluster.openai_render import ChatStreamer, CompletionStreamer, TokenText, chat_response, completion_response
-from cluster.openai_serving import (APIError, ClientDisconnected, Job, SSEResponse, open_streams,
-                                    run_to_end, sse_events, unavailable, until_disconnect)
-from cluster.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                              LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest,
-                              DetokenizeResponse, ModelCard, ModelList, RequestError, TokenizeRequest,
-                              TokenizeResponse, chat_messages, chat_sampling_params, check_supported,
-                              completion_prompts, completion_sampling_params, resolve_max_tokens)
-from engine.outputs import RequestOutput
-from engine.tokenizer import Tokenizer
+from radixserve.cluster.backend import Backend, request_namespace
+from radixserve.cluster.openai_api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    ModelList,
+    RequestError,
+    TokenizeRequest,
+    TokenizeResponse,
+    UnloadLoRAAdapterRequest,
+    chat_messages,
+    chat_sampling_params,
+    check_supported,
+    completion_prompts,
+    completion_sampling_params,
+    resolve_max_tokens,
+)
+from radixserve.cluster.openai_api.render import (
+    ChatStreamer,
+    CompletionStreamer,
+    TokenText,
+    chat_response,
+    completion_response,
+)
+from radixserve.cluster.openai_api.serving import (
+    APIError,
+    ClientDisconnected,
+    Job,
+    SSEResponse,
+    open_streams,
+    run_to_end,
+    sse_events,
+    unavailable,
+    until_disconnect,
+)
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.tokenizer import Tokenizer
 
 __all__ = ["ServerConfig", "attach_backend", "build_app", "request_namespace"]
 

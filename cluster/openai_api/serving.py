@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cluster.backend import Backend, BackendUnavailableError, GenerationStream
-from cluster.protocol import ErrorInfo, ErrorResponse
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
+from radixserve.cluster.backend import Backend, BackendUnavailableError, GenerationStream
+from radixserve.cluster.openai_api.protocol import ErrorInfo, ErrorResponse
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """``radixserve`` command line: generate | chat | serve | bench.
 
-Engine flags are the keyword arguments of ``engine.llm.engine_config`` with
+Engine flags are the keyword arguments of ``radixserve.engine.entrypoints.llm.engine_config`` with
 dashes, so the CLI and ``LLM(...)`` always agree. Heavy imports (ray, the
 engine) happen inside the subcommands to keep ``--help`` fast.
 """
@@ -29,7 +29,7 @@ def _bool(text: str) -> bool:
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """One flag per engine_config keyword, typed from its default."""
-    from engine.llm import engine_config
+    from radixserve.engine.entrypoints.llm import engine_config
     sig = inspect.signature(engine_config)
     p.add_argument("--model", default="tiny-llama",
                    help="embedded model name (tiny-llama, small-llama) or a Hugging Face directory")
@@ -51,7 +51,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.llm import engine_config
+    from radixserve.engine.entrypoints.llm import engine_config
     names = [n for n in inspect.signature(engine_config).parameters if n != "model"]
     return {n: getattr(args, n) for n in names}
 
@@ -73,7 +73,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace):
-    from engine.sampling import SamplingParams
+    from radixserve.engine.sampling_params import SamplingParams
     return SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         seed=args.sampling_seed, repetition_penalty=args.repetition_penalty,
@@ -82,7 +82,7 @@ def sampling_params(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
+    from radixserve.engine.entrypoints.llm import LLM
     params = sampling_params(args)  # validate before loading the model
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     with LLM(args.model, **engine_kwargs(args)) as llm:
@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
+    from radixserve.engine.entrypoints.llm import LLM
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -135,7 +135,8 @@ def bench_suites() -> dict[str, str]:
     Read with ast, not imported, so listing stays fast and needs no torch.
     """
     import ast
-    import benchmarks
+
+    from radixserve import benchmarks
     suites = {}
     for path in sorted(Path(benchmarks.__file__).parent.glob("*.py")):
         if path.stem.startswith("bench_") or path.stem == "report":
@@ -155,7 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if name not in suites:
         raise ValueError(f"unknown benchmark suite {args.suite!r}; choose from {', '.join(suites)}")
     import importlib
-    importlib.import_module(f"benchmarks.{name}").main(list(args.suite_args))
+    importlib.import_module(f"radixserve.benchmarks.{name}").main(list(args.suite_args))
     return 0
 
 
@@ -173,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(c)
     add_sampling_flags(c)
     c.set_defaults(fn=cmd_chat)
-    from cluster.serve_cli import add_serve_parser
+    from radixserve.cluster.serve_cli import add_serve_parser
     add_serve_parser(sub, add_engine_flags)
-    b = sub.add_parser("bench", help="run a benchmark suite (python -m benchmarks.<suite>)",
+    b = sub.add_parser("bench", help="run a benchmark suite (python -m radixserve.benchmarks.<suite>)",
                        description="radixserve bench <suite> [suite args...]; --list shows the suites; "
                                    "<suite> --help shows a suite's own flags")
     b.add_argument("--list", action="store_true", help="list the suites")

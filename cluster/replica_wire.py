@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import wire
-from engine.outputs import RequestOutput
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.executor import wire
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from engine.llm_engine import LLMEngine
-from engine.lora.request import LoRARequest
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
+from radixserve.engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from radixserve.engine.core.llm_engine import LLMEngine
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.lora.request import LoRARequest
+from radixserve.engine.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 

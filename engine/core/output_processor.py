@@ -1,13 +1,19 @@
 """Sampled tokens -> text, stop strings, logprobs and RequestOutputs."""
 from __future__ import annotations
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.metrics import EngineMetrics
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
-from engine.scheduler import Scheduler
-from engine.scheduler_output import PromptLogprobs, SampledToken
-from engine.sequence import Request, Sequence
-from engine.tokenizer import Tokenizer
+from radixserve.engine.core.detokenizer import IncrementalDetokenizer
+from radixserve.engine.core.metrics import EngineMetrics
+from radixserve.engine.core.scheduler import Scheduler
+from radixserve.engine.core.scheduler_output import PromptLogprobs, SampledToken
+from radixserve.engine.core.sequence import Request, Sequence
+from radixserve.engine.entrypoints.outputs import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
+from radixserve.engine.tokenizer import Tokenizer
 
 
 class OutputProcessor:

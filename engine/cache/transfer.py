@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from engine import wire
-from engine.net import bind_router
-from kernels import block_copy
+from radixserve.engine.executor import wire
+from radixserve.engine.executor.net import bind_router
+from radixserve.kernels import block_copy
 
 log = logging.getLogger(__name__)
 

@@ -4,28 +4,27 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Sequence as Seq
 
-import uuid
-
-from engine.cache.events import EventLog
-from engine.cache.hashing import root_hash
-from engine.cache.kv_manager import KVCacheManager
-from engine.cache_transfer import CacheTransferClient, TransferTask
-from engine.config import EngineConfig
-from engine.executor import Executor, UniprocExecutor, WorkerFailure
-from engine.lora.request import LoRARequest
-from engine.metrics import EngineMetrics
-from engine.model.default_models import resolve_model
-from engine.model.hf_config import load_arch_config
-from engine.output_processor import OutputProcessor
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
-from engine.scheduler_output import StepResult
-from engine.sequence import Request, Sequence
-from engine.tokenizer import Tokenizer
-from engine.worker import WorkerSpec
+from radixserve.engine.cache.events import EventLog
+from radixserve.engine.cache.hashing import root_hash
+from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.cache.transfer import CacheTransferClient, TransferTask
+from radixserve.engine.config import EngineConfig
+from radixserve.engine.core.metrics import EngineMetrics
+from radixserve.engine.core.output_processor import OutputProcessor
+from radixserve.engine.core.scheduler import Scheduler
+from radixserve.engine.core.scheduler_output import StepResult
+from radixserve.engine.core.sequence import Request, Sequence
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.executor.base import Executor, UniprocExecutor, WorkerFailure
+from radixserve.engine.lora.request import LoRARequest
+from radixserve.engine.model.default_models import resolve_model
+from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.tokenizer import Tokenizer
+from radixserve.engine.worker.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self.lora = None  # LoRAManager with enable_lora
         if config.lora.enable_lora:
-            from engine.lora.manager import LoRAManager
+            from radixserve.engine.lora.manager import LoRAManager
             self.lora = LoRAManager(config.lora, self.arch, lambda ns: self.kv.drop_namespace(ns))
             for name, path in config.lora.lora_modules:  # validated before any worker starts
                 self.lora.load(LoRARequest(name, path))
@@ -116,7 +115,7 @@ class LLMEngine:
     def _make_executor(self) -> Executor:
         if self.config.parallel.tensor_parallel_size == 1:
             return UniprocExecutor(self._worker_spec())
-        from engine.multiproc import MultiprocExecutor
+        from radixserve.engine.executor.multiproc import MultiprocExecutor
         return MultiprocExecutor(self.config, self._worker_spec, self.launcher)
 
     # -- requests ----------------------------------------------------------------
@@ -357,7 +356,7 @@ class LLMEngine:
 
     def snapshot(self):
         """Every cached block and its tiers, as of the last recorded event."""
-        from engine.cache.events import Snapshot, SnapshotEntry
+        from radixserve.engine.cache.events import Snapshot, SnapshotEntry
         blocks = [SnapshotEntry(n.block_hash, n.parent.block_hash if n.parent else None, n.root,
                                 (["gpu"] if n.gpu_ready else []) + (["cpu"] if n.cpu_ready else []))
                   for n in self.kv.tree.nodes() if n.gpu_ready or n.cpu_ready]

@@ -1,4 +1,4 @@
-"""PrefixAffinityRouter: cluster/routing.py's policy on Ray Serve's request-router API.
+"""PrefixAffinityRouter: cluster/routing_policy.py's policy on Ray Serve's request-router API.
 
 Each copy of the router (one per process holding a handle to the LLM
 deployment) keeps a local copy of the RadixCacheMetadata index, refreshed by
@@ -19,12 +19,18 @@ from typing import Any
 
 import ray
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID,
-                                      RequestRouter, RunningReplica)
+from ray.serve.request_router import (
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
-from cluster.metadata import ACTOR_NAMESPACE, LocalIndex, actor_name, decode_delta
-from cluster.protocol_wire import RoutingInfo, routing_info
-from cluster.routing import ReplicaState, RouterConfig, RoutingPolicy
+from radixserve.cluster.metadata import ACTOR_NAMESPACE, LocalIndex, actor_name, decode_delta
+from radixserve.cluster.replica_wire import RoutingInfo, routing_info
+from radixserve.cluster.routing_policy import ReplicaState, RouterConfig, RoutingPolicy
 
 log = logging.getLogger(__name__)
 _REPORT_EVERY = 10  # syncs between two reports of the decision counters (0.5 s)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import block_copy, paged_decode, prefix_prefill, reshape_and_cache
+from radixserve.kernels import block_copy, paged_decode, prefix_prefill, reshape_and_cache
 
 
 @dataclass

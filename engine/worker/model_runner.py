@@ -7,14 +7,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, select_backend
-from engine.config import EngineConfig
-from engine.distributed import TPGroup
-from engine.model.hf_config import ArchConfig
-from engine.model.loader import build_model
-from engine.sampling import Sampler, SamplingParams, SeqSamplingState
-from engine.scheduler_output import (PromptLogprobs, SampledToken, ScheduledSeq,
-                                     SchedulerOutput, StepResult)
+from radixserve.engine.config import EngineConfig
+from radixserve.engine.core.scheduler_output import (
+    PromptLogprobs,
+    SampledToken,
+    ScheduledSeq,
+    SchedulerOutput,
+    StepResult,
+)
+from radixserve.engine.model.hf_config import ArchConfig
+from radixserve.engine.model.loader import build_model
+from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.worker.attention import AttentionMetadata, select_backend
+from radixserve.engine.worker.distributed import TPGroup
+from radixserve.engine.worker.sampler import Sampler, SeqSamplingState
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU_DEFAULT_KV_GIB = 2.0
@@ -67,7 +73,7 @@ class ModelRunner:
         self.backend = select_backend(config.attention_backend, device)
         self.lora = None
         if config.lora.enable_lora:
-            from engine.lora.worker_lora import WorkerLoRAManager
+            from radixserve.engine.lora.worker_lora import WorkerLoRAManager
             self.lora = WorkerLoRAManager(self.model, config.lora, arch, tp, self.dtype, device,
                                           use_triton=self.backend.name == "triton")
         self.num_kv_heads = arch.num_kv_heads // tp.size

@@ -4,7 +4,7 @@ A worker connects a ZMQ DEALER socket to the engine's engine-worker queue
 (``engine_worker_queue_port``), says hello, loads its shard, reports how many
 KV blocks fit, and then executes whatever valid messages arrive until told to
 stop. The same ``run_worker`` serves local processes (``python -m
-engine.worker_main``) and Ray actors (cluster/), so launching is pluggable.
+radixserve.engine.worker.main``) and Ray actors (cluster/), so launching is pluggable.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from engine import wire
-from engine.scheduler_output import SchedulerOutput, StepResult
-from engine.worker import Worker, WorkerSpec
+from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
+from radixserve.engine.executor import wire
+from radixserve.engine.worker.worker import Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _serve(sock, worker: Worker, rank: int, send) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format=f"[worker %(process)d] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="[worker %(process)d] %(message)s")
     args = wire.from_plain(WorkerArgs, json.loads(sys.argv[1]))
     run_worker(args)
 

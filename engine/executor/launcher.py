@@ -2,7 +2,7 @@
 
 ``ProcessLauncher`` starts local processes (the offline API, the CLI, tests);
 the cluster provides a Ray-actor launcher with the same interface, and the
-worker code is the same either way (engine/worker_main.py).
+worker code is the same either way (engine/worker/main.py).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import subprocess
 import sys
 from abc import ABC, abstractmethod
 
-from engine import wire
-from engine.worker_main import WorkerArgs
+from radixserve.engine.executor import wire
+from radixserve.engine.worker.main import WorkerArgs
 
 
 class WorkerHandle(ABC):
@@ -62,10 +62,10 @@ class ProcessHandle(WorkerHandle):
 
 
 class ProcessLauncher(WorkerLauncher):
-    """``python -m engine.worker_main '<json args>'``: plain JSON in, never pickle."""
+    """``python -m radixserve.engine.worker.main '<json args>'``: plain JSON in, never pickle."""
 
     def start(self, args: WorkerArgs) -> WorkerHandle:
         payload = json.dumps(wire.to_plain(args))
-        proc = subprocess.Popen([sys.executable, "-m", "engine.worker_main", payload],
+        proc = subprocess.Popen([sys.executable, "-m", "radixserve.engine.worker.main", payload],
                                 stdin=subprocess.DEVNULL)
         return ProcessHandle(proc, args.spec.rank)

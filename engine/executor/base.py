@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from engine.scheduler_output import SchedulerOutput, StepResult
-from engine.worker import Worker, WorkerSpec
+from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
+from radixserve.engine.worker.worker import Worker, WorkerSpec
 
 
 class WorkerFailure(RuntimeError):

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChatLogprobs,
-                              ChatMessageOut, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob,
-                              CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage,
-                              PromptTokensDetails, Usage)
-from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from engine.tokenizer import Tokenizer
+from radixserve.cluster.openai_api.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    Usage,
+)
+from radixserve.engine.entrypoints.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from radixserve.engine.tokenizer import Tokenizer
 
 # JSON has no -inf; OpenAI-compatible servers report this floor instead (as vLLM does).
 _MIN_LOGPROB = -9999.0

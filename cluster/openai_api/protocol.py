@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
-from engine.sampling import MAX_LOGPROBS, SamplingParams
+from radixserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class RequestError(ValueError):

@@ -11,7 +11,7 @@ has a CPU copy then loses nothing.
 Promotion (CPU -> device) happens when a prompt's prefix continues in the
 CPU tier: fresh device blocks are allocated, the CPU blocks pinned, and the
 sequence waits (possibly several steps) until every rank acknowledged the
-swap-in. This module only keeps the books; engine/cache_transfer.py moves
+swap-in. This module only keeps the books; engine/cache/transfer.py moves
 the bytes.
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.cache.block_pool import BlockPool
-from engine.cache.events import CPU, DEMOTED, EVICTED, GPU, PROMOTED
-from engine.cache.radix import RadixNode
+from radixserve.engine.cache.block_pool import BlockPool
+from radixserve.engine.cache.events import CPU, DEMOTED, EVICTED, GPU, PROMOTED
+from radixserve.engine.cache.radix import RadixNode
 
 if TYPE_CHECKING:
-    from engine.cache.kv_manager import KVCacheManager
-    from engine.sequence import Sequence
+    from radixserve.engine.cache.kv_manager import KVCacheManager
+    from radixserve.engine.core.sequence import Sequence
 
 SWAP_IN, SWAP_OUT = "swap_in", "swap_out"
 

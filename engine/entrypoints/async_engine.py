@@ -18,12 +18,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.llm import engine_config
-from engine.llm_engine import LLMEngine
-from engine.lora.request import LoRARequest
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
+from radixserve.engine.config import EngineConfig
+from radixserve.engine.core.llm_engine import LLMEngine
+from radixserve.engine.entrypoints.llm import engine_config
+from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.lora.request import LoRARequest
+from radixserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.cache_transfer import CacheTransferServer
-from engine.config import EngineConfig
-from engine.distributed import TPGroup
-from engine.model.hf_config import load_arch_config
-from engine.model_runner import ModelRunner, resolve_device
-from engine.scheduler_output import SchedulerOutput, StepResult
+from radixserve.engine.cache.transfer import CacheTransferServer
+from radixserve.engine.config import EngineConfig
+from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
+from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.worker.distributed import TPGroup
+from radixserve.engine.worker.model_runner import ModelRunner, resolve_device
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from collections.abc import Callable
 
 import zmq
 
-from engine import wire
-from engine.config import EngineConfig
-from engine.executor import Executor, WorkerFailure
-from engine.launcher import ProcessLauncher, WorkerHandle, WorkerLauncher
-from engine.net import bind_router, free_tcp_port
-from engine.scheduler_output import SchedulerOutput, StepResult
-from engine.worker import WorkerSpec
-from engine.worker_main import WORKER_TO_ENGINE, InitCache, WorkerArgs
+from radixserve.engine.config import EngineConfig
+from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
+from radixserve.engine.executor import wire
+from radixserve.engine.executor.base import Executor, WorkerFailure
+from radixserve.engine.executor.launcher import ProcessLauncher, WorkerHandle, WorkerLauncher
+from radixserve.engine.executor.net import bind_router, free_tcp_port
+from radixserve.engine.worker.main import WORKER_TO_ENGINE, InitCache, WorkerArgs
+from radixserve.engine.worker.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 _POLL_MS = 100  # how often a wait checks that every worker is still alive

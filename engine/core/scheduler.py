@@ -14,15 +14,21 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.cache.kv_manager import KVCacheManager
-from engine.config import SchedulerConfig
-from engine.detokenizer import check_stop_token
-from engine.scheduler_output import (NewSampler, SampledToken, SampleRow, ScheduledSeq,
-                                     SchedulerOutput, StepResult)
-from engine.sequence import Request, Sequence, SeqStatus
+from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.config import SchedulerConfig
+from radixserve.engine.core.detokenizer import check_stop_token
+from radixserve.engine.core.scheduler_output import (
+    NewSampler,
+    SampledToken,
+    SampleRow,
+    ScheduledSeq,
+    SchedulerOutput,
+    StepResult,
+)
+from radixserve.engine.core.sequence import Request, SeqStatus, Sequence
 
 if TYPE_CHECKING:
-    from engine.lora.manager import LoRAManager
+    from radixserve.engine.lora.manager import LoRAManager
 
 
 @dataclass
