@@ -119,6 +119,15 @@ def test_codec_rejects_unknown_and_invalid(body, match):
         wire.decode(_raw(body), {"params": SamplingParams})
 
 
+def test_step_with_invalid_params_is_rejected_not_executed():
+    # A worker's decode of a step must fail as WireError (it answers "failure"), not crash it.
+    body = wire.to_plain(SchedulerOutput(1, new_samplers=[NewSampler(4, SamplingParams(), [1], [])]))
+    body["new_samplers"][0]["params"]["top_p"] = 2.0
+    raw = msgpack.packb({"v": wire.WIRE_VERSION, "kind": "step", "body": body})
+    with pytest.raises(wire.WireError, match="top_p"):
+        wire.decode(raw, ENGINE_TO_WORKER)
+
+
 def test_check_stop_token():
     eos = frozenset({2})
     p = SamplingParams(max_tokens=5, stop_token_ids=[7])
