@@ -69,7 +69,9 @@ class SchedulerConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048  # token budget of one step
     enable_chunked_prefill: bool = True
-    preemption_mode: str = "auto"  # auto: swap when a CPU tier exists, else recompute
+    # What a preempted sequence's cached blocks may do: swap = move to the CPU tier
+    # (needs one), recompute = stay device-only; auto: swap when a CPU tier exists.
+    preemption_mode: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -146,3 +148,8 @@ class EngineConfig:
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _require(self.attention_backend in ("auto", "torch", "triton"),
                  f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        cache = self.cache
+        cpu_tier = cache.num_cpu_blocks > 0 if cache.num_cpu_blocks is not None else cache.swap_space > 0
+        _require(self.scheduler.preemption_mode != "swap" or cpu_tier,
+                 "preemption_mode='swap' moves preempted blocks to the CPU tier, which needs "
+                 "swap_space > 0 (or num_cpu_blocks > 0); use 'recompute' or 'auto' without one")

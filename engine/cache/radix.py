@@ -25,11 +25,14 @@ class RadixNode:
     cpu: int | None = None  # CPU-pool block id
     gpu_pending: bool = False  # device copy being written (a swap-in in flight)
     cpu_pending: bool = False  # CPU copy being written (a demotion in flight)
+    # Freed by a recompute preemption: its device copy is never demoted (evicting it drops it).
+    keep_off_cpu: bool = False
     children: dict[int, RadixNode] = field(default_factory=dict)
 
     @property
-    def is_leaf(self) -> bool:
-        return not self.children
+    def parent_hash(self) -> int | None:
+        """The parent block's hash; None for the first block of a chain."""
+        return self.parent.block_hash if self.parent is not None else None
 
     @property
     def gpu_ready(self) -> bool:

@@ -6,7 +6,9 @@ DEALER, executes tasks (swap-in, swap-out) on its own pools -- on CUDA on a
 side stream, so copies overlap the model's forward -- and acknowledges each
 task. ``CacheTransferClient`` reports a task done only when every rank acked
 it; a rank that fails a task fails it for all. Messages are msgpack via
-engine/wire.py, validated, never pickled.
+engine/executor/wire.py, validated, never pickled. The bytes move with the
+staged Triton swap kernels of kernels/block_copy.py on CUDA and with their
+torch reference on CPU (``swap_fn``).
 """
 from __future__ import annotations
 
@@ -14,22 +16,38 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
 import zmq
 
+from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.net import bind_router
 from radixserve.kernels import block_copy
+from radixserve.kernels._triton import HAS_TRITON
 
 log = logging.getLogger(__name__)
+
+# swap(src_pool, dst_pool, src_block_ids, dst_block_ids): dst_pool[:, :, dst[i]] = src_pool[:, :, src[i]]
+SwapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def swap_fn(device: torch.device) -> SwapFn:
+    """How blocks move between a device pool on ``device`` and its host pool:
+    on CUDA the Triton kernels (one gather/scatter launch and one staged PCIe
+    copy per task), elsewhere the torch reference (a Triton kernel needs CUDA)."""
+    if device.type == "cuda" and HAS_TRITON:
+        return block_copy.swap_blocks
+    return block_copy.swap_blocks_ref
 
 
 @dataclass(frozen=True)
 class TransferTask:
     task_id: int
-    kind: str  # "swap_in" (CPU -> device) | "swap_out" (device -> CPU)
+    kind: str  # SWAP_IN (CPU -> device) | SWAP_OUT (device -> CPU)
     gpu_blocks: list[int]
     cpu_blocks: list[int]
 
@@ -106,7 +124,7 @@ class CacheTransferClient:
             self._acks[body.task_id].append(body)
         return True
 
-    def poll(self, wait_for: set[int] = frozenset(), timeout_s: float = 0.0) -> list[TransferDone]:
+    def poll(self, wait_for: AbstractSet[int] = frozenset(), timeout_s: float = 0.0) -> list[TransferDone]:
         """Tasks now complete. Blocks until every task in ``wait_for`` is, or
         raises TimeoutError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
@@ -156,6 +174,7 @@ class CacheTransferServer:
         self.host_pool = host_pool      # same layout, CPU (pinned on CUDA machines)
         self.block_bytes = device_pool[:, :, 0].numel() * device_pool.element_size()
         self.stream = torch.cuda.Stream(device_pool.device) if device_pool.is_cuda else None
+        self.swap = swap_fn(device_pool.device)
         self._done: set[int] = set()
         self._cond = threading.Condition()
         self._stop = False
@@ -185,10 +204,10 @@ class CacheTransferServer:
         dev = self.device_pool.device
         gpu = torch.tensor(task.gpu_blocks, dtype=torch.long, device=dev)
         cpu = torch.tensor(task.cpu_blocks, dtype=torch.long)
-        if task.kind == "swap_out":
-            block_copy.swap_blocks_ref(self.device_pool, self.host_pool, gpu, cpu)
-        elif task.kind == "swap_in":
-            block_copy.swap_blocks_ref(self.host_pool, self.device_pool, cpu, gpu)
+        if task.kind == SWAP_OUT:
+            self.swap(self.device_pool, self.host_pool, gpu, cpu)
+        elif task.kind == SWAP_IN:
+            self.swap(self.host_pool, self.device_pool, cpu, gpu)
         else:
             raise ValueError(f"unknown transfer kind {task.kind!r}")
 
@@ -227,7 +246,7 @@ class CacheTransferServer:
                 if kind == "stop":
                     return
                 sock.send(wire.encode("ack", self._execute(task)))
-                if task.kind == "swap_out":  # only swap-outs are waited for by the step
+                if task.kind == SWAP_OUT:  # only swap-outs are waited for by the step
                     with self._cond:
                         self._done.add(task.task_id)
                         self._cond.notify_all()

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence as Seq
 
-from radixserve.engine.cache.events import EventLog
+from radixserve.engine.cache.events import EventLog, Snapshot
 from radixserve.engine.cache.hashing import root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.cache.transfer import CacheTransferClient, TransferTask
@@ -252,7 +252,7 @@ class LLMEngine:
             return []
         done = self.transfers.poll(set(wait_for), self.config.parallel.worker_timeout_s)
         if not done and wait_s:
-            if self.kv.cpu.inflight:
+            if self.kv.has_inflight_transfers:
                 self.transfers.wait_any(0.05)  # returns as soon as an ack arrives
                 done = self.transfers.poll()
             else:
@@ -341,12 +341,12 @@ class LLMEngine:
         m.inc("prefix_cache_gpu_hits_tokens", dh - dc)
         m.inc("prefix_cache_cpu_hits_tokens", dc)
         m.inc("num_preemptions", dp)
-        if self.kv.cpu is not None:
-            m.set("cpu_cache_usage_perc", self.kv.cpu.usage)
+        if self.kv.has_cpu_tier:
+            m.set("cpu_cache_usage_perc", self.kv.cpu_usage)
         m.set("num_requests_running", len({s.request.request_id for s in self.scheduler.running}))
         m.set("num_requests_waiting", len({s.request.request_id for s in self.scheduler.waiting}))
         m.set("kv_cache_usage_perc", self.kv.usage)
-        m.set("num_cached_blocks", len(self.kv.tree))
+        m.set("num_cached_blocks", self.kv.num_cached_blocks)
         if self.lora is not None:
             st = self.lora.stats
             m.set("lora_slot_loads", st.slot_loads)
@@ -354,13 +354,9 @@ class LLMEngine:
             m.set("num_loras_loaded", len(self.lora.adapters))
             m.set("num_loras_resident", self.lora.num_resident)
 
-    def snapshot(self):
+    def snapshot(self) -> Snapshot:
         """Every cached block and its tiers, as of the last recorded event."""
-        from radixserve.engine.cache.events import Snapshot, SnapshotEntry
-        blocks = [SnapshotEntry(n.block_hash, n.parent.block_hash if n.parent else None, n.root,
-                                (["gpu"] if n.gpu_ready else []) + (["cpu"] if n.cpu_ready else []))
-                  for n in self.kv.tree.nodes() if n.gpu_ready or n.cpu_ready]
-        return Snapshot(self.engine_id, self.events.next_seq - 1, blocks)
+        return self.kv.snapshot()
 
     def shutdown(self) -> None:
         executor = getattr(self, "executor", None)

@@ -93,7 +93,7 @@ def test_bad_swap_space_config(tiny_dir):
 def test_swap_space_sizes_the_cpu_pool(tiny_dir):
     llm = LLM(str(tiny_dir), swap_space=0.01, cache_queue_port=0)
     block_bytes = llm.engine.executor.block_bytes
-    assert llm.engine.kv.cpu.pool.num_blocks == int(0.01 * 2**30) // block_bytes
+    assert llm.engine.kv.num_cpu_blocks == int(0.01 * 2**30) // block_bytes
     # tiny-llama: 2 layers x (K, V) x 16 tokens x 2 kv heads x 16 dims x 4 bytes (fp32)
     assert block_bytes == 2 * 2 * 16 * 2 * 16 * 4
     llm.shutdown()

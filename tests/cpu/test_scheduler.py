@@ -112,7 +112,7 @@ def test_preemption_recompute_and_prefix_hit_on_resume():
     run_to_end(sched, rng)
     assert sched.stats.num_preemptions >= 1
     assert old.seqs[0].num_output_tokens == young.seqs[0].num_output_tokens == 10
-    assert sched.kv.pool.num_free == 6
+    assert sched.kv.num_free_blocks == 6
 
 
 def test_abort_frees_every_block():
@@ -126,7 +126,7 @@ def test_abort_frees_every_block():
     sched.abort_request(r.request_id)
     assert all(s.finish_reason == "abort" for s in r.seqs)
     sched.kv.check_invariants([])
-    assert sched.kv.pool.num_free == sched.kv.pool.num_blocks
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
 
 
 def test_n_children_share_prompt_blocks():
@@ -189,7 +189,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self):
         run_to_end(self.sched, self.rng)
         self.sched.kv.check_invariants([])
-        assert self.sched.kv.pool.num_free == self.sched.kv.pool.num_blocks
+        assert self.sched.kv.num_free_blocks == self.sched.kv.num_blocks
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase
