@@ -74,6 +74,9 @@ class LLMEngine:
         num_cpu = cache.num_cpu_blocks
         if num_cpu is None:
             num_cpu = int(cache.swap_space * 2**30) // self.executor.block_bytes
+        if not num_cpu and self.config.scheduler.preemption_mode == "swap":  # before the workers allocate
+            raise ValueError(f"preemption_mode='swap' needs a CPU tier, but swap_space = {cache.swap_space} GiB "
+                             f"holds no {self.executor.block_bytes}-byte block")
         if num_cpu:
             self.transfers = CacheTransferClient(par.host, par.cache_queue_port, par.tensor_parallel_size)
         address = self.transfers.address if self.transfers else ""

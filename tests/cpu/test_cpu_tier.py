@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from radixserve.engine.cache.events import BlockIndex, EventLog
 from radixserve.engine.cache.hashing import root_hash
-from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.cache.kv_manager import KVCacheManager, StepTransfers
 from radixserve.engine.core.sequence import Request, Sequence
 from radixserve.engine.sampling_params import SamplingParams
 
@@ -126,6 +126,27 @@ def test_cpu_eviction_may_drop_a_copy_on_evict_copy_in_flight():
     kv.check_invariants([b])
     assert not kv.is_cached(a.block_hashes[0]) and not kv.is_cached(a.block_hashes[1])
     assert tree_tiers(kv) == {z.block_hashes[0]: {"cpu"}}  # only Z is left, written back
+
+
+def test_recompute_free_keeps_blocks_off_the_cpu_tier_until_hit_again():
+    kv = KVCacheManager(8, BS, True, num_cpu_blocks=16, demote_window=8)
+    kv.free(run_seq(kv, list(range(13))), demote=False)  # what a recompute preemption does
+    assert kv.plan_transfers().wait == [] and kv.num_cpu_cached_blocks == 0  # no write-back
+    b = run_seq(kv, list(range(13)) + [7])  # a device hit: in use again, demotable like any block
+    kv.free(b)
+    assert kv.plan_transfers().wait
+    complete_all(kv)
+    assert kv.num_cpu_cached_blocks == 3
+    kv.check_invariants([])
+
+
+def test_recompute_freed_blocks_are_evicted_without_a_copy():
+    kv = KVCacheManager(4, BS, True, num_cpu_blocks=16, demote_window=0)
+    kv.free(run_seq(kv, list(range(9))), demote=False)
+    assert kv.num_cached_blocks == 2
+    run_seq(kv, [50 + i for i in range(16)])  # needs all 4 blocks: both cached ones are reused
+    assert kv.plan_transfers() == StepTransfers()  # no copy-on-evict
+    assert kv.num_cached_blocks == 4 and kv.num_cpu_cached_blocks == 0 and kv.num_evicted_blocks == 2
 
 
 def test_gap_in_event_stream_is_detected():

@@ -124,3 +124,5 @@ def test_preemption_modes_give_the_same_tokens(tiny_dir, mode):
 def test_swap_preemption_needs_a_cpu_tier(tiny_dir):
     with pytest.raises(ValueError, match="preemption_mode='swap'.*swap_space > 0"):
         LLM(str(tiny_dir), preemption_mode="swap")
+    with pytest.raises(ValueError, match="holds no .*-byte block"):  # a CPU tier too small for one block
+        LLM(str(tiny_dir), preemption_mode="swap", swap_space=1e-9, cache_queue_port=0)

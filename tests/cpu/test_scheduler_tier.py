@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import event, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -177,7 +177,9 @@ class SchedulerTierMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def abort(self, data):
         if self.sched.requests:
-            self.sched.abort_request(data.draw(st.sampled_from(sorted(self.sched.requests))))
+            # insertion order, not sorted ids: ids come from a global counter, and
+            # the same draw must pick the same request when hypothesis replays it
+            self.sched.abort_request(data.draw(st.sampled_from(list(self.sched.requests))))
 
     @rule(data=st.data())
     def finish(self, data):
@@ -211,6 +213,8 @@ class SchedulerTierMachine(RuleBasedStateMachine):
 
 def test_scheduler_tier_machine():
     SchedulerTierMachine.swapping_in_seen = 0
-    run_state_machine_as_test(SchedulerTierMachine,
-                              settings=settings(max_examples=300, stateful_step_count=50, deadline=None))
+    # Each rule may run several scheduler steps (and teardown drains every request):
+    # on a loaded machine that trips the too_slow health check, not a bug.
+    run_state_machine_as_test(SchedulerTierMachine, settings=settings(
+        max_examples=300, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]))
     assert SchedulerTierMachine.swapping_in_seen > 0, "no run reached SWAPPING_IN"
