@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from radixserve.engine.cache.events import BlockIndex, EventBatch, Snapshot
+from radixserve.engine.cache.events import GPU, BlockIndex, EventBatch, Snapshot
 
 ACTOR_NAME = "RadixCacheMetadata"
 ACTOR_NAMESPACE = "radixserve"
@@ -28,7 +28,6 @@ def actor_name(app_name: str) -> str:
     """One metadata actor per Serve application: apps may serve different
     models (different hash fingerprints) and must not see each other's blocks."""
     return f"{ACTOR_NAME}:{app_name}"
-GPU, CPU = "gpu", "cpu"
 
 
 @dataclass(frozen=True)

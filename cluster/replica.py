@@ -135,8 +135,8 @@ class LLMServer:
     async def kv_state(self) -> dict:
         """Blocks in use and cached (tests check nothing leaks after load)."""
         return await self.engine.call(lambda e: {
-            "num_free": e.kv.pool.num_free, "num_blocks": e.kv.pool.num_blocks,
-            "requests": len(e.scheduler.requests), "cached": len(e.kv.tree)})
+            "num_free": e.kv.num_free_blocks, "num_blocks": e.kv.num_blocks,
+            "requests": len(e.scheduler.requests), "cached": e.kv.num_cached_blocks})
 
     async def reset_prefix_cache(self) -> bool:
         return await self.engine.call(lambda e: e.kv.reset_prefix_cache())

@@ -164,6 +164,11 @@ class EngineConfig:
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _require(self.attention_backend in ("auto", "torch", "triton"),
                  f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        cache = self.cache
+        cpu_tier = cache.num_cpu_blocks > 0 if cache.num_cpu_blocks is not None else cache.swap_space > 0
+        _require(self.scheduler.preemption_mode != "swap" or cpu_tier,
+                 "preemption_mode='swap' moves preempted blocks to the CPU tier, which needs "
+                 "swap_space > 0 (or num_cpu_blocks > 0); use 'recompute' or 'auto' without one")
 
     @classmethod
     def from_flat(cls, **kwargs: Any) -> EngineConfig:

@@ -7,7 +7,8 @@ which point ``on_evict`` tells the tree to drop it (lazy eviction).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 
 class FreeBlockQueue:
@@ -67,7 +68,7 @@ class FreeBlockQueue:
         self.remove(head)
         return head
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         node = self._next[self._sentinel]
         while node != self._sentinel:
             yield node
@@ -95,6 +96,10 @@ class BlockPool:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self.free_queue)
+
+    def next_free(self, n: int) -> list[int]:
+        """The next ``n`` (at most) blocks ``allocate`` would hand out, in order."""
+        return list(itertools.islice(self.free_queue, n))
 
     def allocate(self) -> int:
         block_id = self.free_queue.popleft()
@@ -126,3 +131,11 @@ class BlockPool:
                     self.free_queue.append(block_id)
                 else:
                     self.free_queue.appendleft(block_id)
+
+    def uncache(self, block_id: int) -> None:
+        """A free block the tree just dropped: move it to the head of the queue,
+        so it is handed out before any block that still holds cached KV."""
+        assert self.ref_cnt[block_id] == 0 and not self._is_cached(block_id), \
+            f"block {block_id} is referenced or still cached"
+        self.free_queue.remove(block_id)
+        self.free_queue.appendleft(block_id)

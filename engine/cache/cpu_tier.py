@@ -40,7 +40,6 @@ class Transfer:
     nodes: list[RadixNode] = field(repr=False)
     seq: Sequence | None = field(default=None, repr=False)  # SWAP_IN: who waits for it
     orphaned: bool = False  # the waiting sequence finished before the swap-in did
-    before_forward: bool = False  # SWAP_OUT of evicted blocks: must run before the step writes them
 
 
 def _depth(node: RadixNode) -> int:
@@ -61,8 +60,6 @@ class CpuTier:
         self._evicting: Transfer | None = None  # copy-on-evict swap-outs of the current step
         self._promoting: dict[int, Transfer] = {}  # seq id -> its swap-in
         self._ids = itertools.count(1)
-        self.swapped_in_blocks = 0
-        self.swapped_out_blocks = 0
 
     @property
     def usage(self) -> float:
@@ -76,12 +73,12 @@ class CpuTier:
 
     def start_promotion(self, seq: Sequence, nodes: list[RadixNode]) -> Transfer:
         for node in nodes:  # pin the sources before allocating can evict anything
-            self.pool.touch(node.cpu)
+            self.pool.touch(node.cpu_id)
         gpu = self.kv.pool.allocate_many(len(nodes))
         for node, block in zip(nodes, gpu):  # parents first: device copies stay upward-closed
             self.tree.set_gpu(node, block, pending=True)
         seq.block_ids.extend(gpu)
-        t = Transfer(next(self._ids), SWAP_IN, gpu, [n.cpu for n in nodes], nodes, seq)
+        t = Transfer(next(self._ids), SWAP_IN, gpu, [n.cpu_id for n in nodes], nodes, seq)
         self.inflight[t.task_id] = t
         self.started.append(t)
         self._promoting[seq.seq_id] = t
@@ -104,16 +101,17 @@ class CpuTier:
         """An allocation is about to reuse a cached device block that has no CPU
         copy yet (write-back did not get to it): copy it out first. The copy runs
         on the worker before the step's forward; until then the CPU copy is
-        pending and cannot be hit. False if the CPU tier has no room."""
-        if self.pool.num_free == 0:
+        pending and cannot be hit. False if the CPU tier has no room or the
+        block was freed by a recompute preemption."""
+        if self.pool.num_free == 0 or node.keep_off_cpu:
             return False
         block = self.pool.allocate()
         self.tree.set_cpu(node, block, pending=True)
         batch = self._evicting
         if batch is None:
-            batch = self._evicting = Transfer(next(self._ids), SWAP_OUT, [], [], [], before_forward=True)
+            batch = self._evicting = Transfer(next(self._ids), SWAP_OUT, [], [], [])
             self.inflight[batch.task_id] = batch
-        batch.gpu_blocks.append(node.gpu)
+        batch.gpu_blocks.append(node.gpu_id)
         batch.cpu_blocks.append(block)
         batch.nodes.append(node)
         return True
@@ -127,14 +125,14 @@ class CpuTier:
 
     def plan_demotions(self) -> Transfer | None:
         """Give the next ``window`` eviction candidates a CPU copy."""
+        if self.pool.num_free == 0:
+            return None
         nodes = []
-        for i, block in enumerate(self.kv.pool.free_queue):
-            if i >= self.window or self.pool.num_free == 0:
-                break
+        for block in self.kv.pool.next_free(self.window):
             if not self.tree.holds_block(block):
                 continue  # a plain free block: nothing to save
             node = self.tree.node_of_block(block)
-            if node.cpu is None and not node.gpu_pending:
+            if node.cpu is None and not node.gpu_pending and not node.keep_off_cpu:
                 nodes.append(node)
         if not nodes:
             return None
@@ -146,7 +144,7 @@ class CpuTier:
             block = self.pool.allocate()  # may evict CPU-only subtrees; never these device nodes
             self.tree.set_cpu(node, block, pending=True)
             cpu.append(block)
-        t = Transfer(next(self._ids), SWAP_OUT, [n.gpu for n in nodes], cpu, nodes)
+        t = Transfer(next(self._ids), SWAP_OUT, [n.gpu_id for n in nodes], cpu, nodes)
         self.inflight[t.task_id] = t
         self.started.append(t)
         return t
@@ -158,7 +156,8 @@ class CpuTier:
     # -- completion ---------------------------------------------------------------------------
 
     def complete(self, task_id: int, ok: bool) -> Transfer:
-        """Apply a transfer every rank acknowledged (ok) or one that failed anywhere."""
+        """Apply a transfer every rank acknowledged (ok) or one that failed anywhere.
+        An orphaned swap-in's device blocks are the KV manager's to release."""
         t = self.inflight.pop(task_id)
         if t.kind == SWAP_IN:
             self._finish_promotion(t, ok)
@@ -167,21 +166,15 @@ class CpuTier:
         return t
 
     def _finish_promotion(self, t: Transfer, ok: bool) -> None:
+        assert t.seq is not None, "a swap-in always has a waiting sequence"
         del self._promoting[t.seq.seq_id]
         self.pool.free(t.cpu_blocks)  # unpin: the CPU copies stay cached
-        events = self.kv.events
         for node in reversed(t.nodes):  # children first, so parents keep their device copy longest
             if ok:
                 node.gpu_pending = False
-                events.record(True, GPU, node.block_hash, _parent(node), node.root, PROMOTED)
+                self.kv.events.record_node(True, GPU, node, PROMOTED)
             else:
                 self.tree.set_gpu(node, None)  # its device block holds garbage: uncache it
-        if ok:
-            self.swapped_in_blocks += len(t.nodes)
-        if t.orphaned:
-            self.kv.pool.free(reversed(t.seq.block_ids))
-            t.seq.block_ids = []
-            t.seq.num_committed_blocks = 0
 
     def _finish_demotion(self, t: Transfer, ok: bool) -> None:
         events = self.kv.events
@@ -199,18 +192,15 @@ class CpuTier:
                 continue
             node.cpu_pending = False
             self.pool.free([cpu])  # now a cached, evictable CPU block
-            events.record(True, CPU, node.block_hash, _parent(node), node.root, DEMOTED)
+            events.record_node(True, CPU, node, DEMOTED)
             gpu = node.gpu
             if gpu is None:
                 continue  # evicted while copying (copy-on-evict): the CPU copy is all there is
             if self.kv.pool.ref_cnt[gpu] == 0 and not node.has_gpu_children():
                 # Nothing uses the device copy: free it for real (head of the queue).
                 self.tree.set_gpu(node, None)
-                self.kv.pool.free_queue.remove(gpu)
-                self.kv.pool.free_queue.appendleft(gpu)
-                events.record(False, GPU, node.block_hash, _parent(node), node.root, DEMOTED)
-        if ok:
-            self.swapped_out_blocks += len(t.nodes)
+                self.kv.pool.uncache(gpu)
+                events.record_node(False, GPU, node, DEMOTED)
 
     # -- eviction -----------------------------------------------------------------------------
 
@@ -219,17 +209,20 @@ class CpuTier:
         assert not node.cpu_pending, "evicting a CPU block that is still being written"
         if node.gpu is not None:  # the device copy stays; only the spare CPU copy goes
             self.tree.set_cpu(node, None)
-            self.kv.events.record(False, CPU, node.block_hash, _parent(node), node.root, EVICTED)
+            self.kv.events.record_node(False, CPU, node, EVICTED)
             return
-        for n in node.subtree():  # CPU-only below a CPU-only node: none may be pinned
-            assert n.cpu is None or n is node or self.pool.ref_cnt[n.cpu] == 0, "evicting a pinned block"
+        for n in node.subtree():  # CPU-only below a CPU-only node: none may be pinned by a swap-in
+            # A copy-on-evict copy still being written may be: its demotion frees
+            # the block when it completes and finds the node dropped.
+            assert n is node or n.cpu is None or n.cpu_pending or self.pool.ref_cnt[n.cpu] == 0, \
+                "evicting a pinned block"
         self.kv.drop_subtree(node)
 
     # -- checks ---------------------------------------------------------------------------------
 
     def add_deferred_refs(self, refs: list[int]) -> None:
         for t in self._promoting.values():
-            if t.orphaned:
+            if t.orphaned and t.seq is not None:
                 for b in t.seq.block_ids:
                     refs[b] += 1
 
@@ -246,7 +239,3 @@ class CpuTier:
                 assert self.tree.node_of_cpu_block(node.cpu) is node
                 if node.cpu_pending:
                     assert refs[node.cpu] == 1, "a CPU copy being written must be held by its transfer"
-
-
-def _parent(node: RadixNode) -> int | None:
-    return node.parent.block_hash if node.parent is not None else None

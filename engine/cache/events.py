@@ -8,8 +8,12 @@ complete stream into an empty ``BlockIndex`` reproduces the tree exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-GPU, CPU = "gpu", "cpu"
+if TYPE_CHECKING:
+    from radixserve.engine.cache.radix import RadixNode
+
+GPU, CPU = "gpu", "cpu"  # the tiers a block can be cached in
 # Why a copy appeared or vanished (informational; replay only needs add/remove).
 STORED, PROMOTED, DEMOTED, EVICTED, CLEARED = "stored", "promoted", "demoted", "evicted", "cleared"
 
@@ -62,15 +66,17 @@ class EventLog:
         self.next_seq = 0
         self.max_pending = max_pending
         self._pending: list[BlockEvent] = []
-        self.dropped = 0  # events discarded because nobody drained: forces a snapshot
 
     def record(self, add: bool, tier: str, block_hash: int, parent_hash: int | None, root: int,
                cause: str) -> None:
         self._pending.append(BlockEvent(self.next_seq, add, tier, block_hash, parent_hash, root, cause))
         self.next_seq += 1
         if len(self._pending) > self.max_pending:  # no consumer: keep memory bounded
-            self.dropped += len(self._pending)
-            self._pending.clear()
+            self._pending.clear()  # the gap in sequence numbers makes a consumer ask for a snapshot
+
+    def record_node(self, add: bool, tier: str, node: RadixNode, cause: str) -> None:
+        """One tier of a tree node gained (add) or lost its copy."""
+        self.record(add, tier, node.block_hash, node.parent_hash, node.root, cause)
 
     def drain(self) -> EventBatch:
         batch, self._pending = self._pending, []

@@ -48,6 +48,12 @@ def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
     return _digest(parent_hash.to_bytes(8, "little") + tokens)
 
 
+def parent_hash(block_hashes: Sequence[int], index: int) -> int | None:
+    """The hash of block ``index``'s parent in a chain; None for the first block
+    (as in the radix tree and the block events, see ``RadixNode.parent_hash``)."""
+    return block_hashes[index - 1] if index > 0 else None
+
+
 def hash_full_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int,
                      start_block: int = 0) -> list[int]:
     """Hashes of the full blocks of ``token_ids`` from ``start_block`` on.

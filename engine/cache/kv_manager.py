@@ -3,16 +3,28 @@
 The scheduler asks which prefix of a new sequence is cached (``lookup``),
 whether the blocks for the next tokens can be had (``allocate``), and gives
 them back (``free``). After each step ``commit`` makes newly completed blocks
-shareable at once. The CPU tier (engine/cache/tiering.py) hooks into device
-eviction: a cached block with a CPU copy loses only its device copy.
+shareable at once. The CPU tier (engine/cache/cpu_tier.py) hooks into device
+eviction: a cached block with a CPU copy loses only its device copy; the
+scheduler and engine drive its transfers through this class only
+(``plan_transfers``, ``take_transfers``, ``complete_transfer``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from radixserve.engine.cache.block_pool import BlockPool
-from radixserve.engine.cache.cpu_tier import CpuTier
-from radixserve.engine.cache.events import CPU, EVICTED, GPU, STORED, EventLog
+from radixserve.engine.cache.cpu_tier import CpuTier, Transfer
+from radixserve.engine.cache.events import (
+    CLEARED,
+    CPU,
+    EVICTED,
+    GPU,
+    STORED,
+    EventLog,
+    Snapshot,
+    SnapshotEntry,
+)
+from radixserve.engine.cache.hashing import parent_hash
 from radixserve.engine.cache.radix import RadixNode, RadixTree
 from radixserve.engine.core.sequence import Sequence
 
@@ -34,6 +46,14 @@ class PrefixHit:
 
     def num_tokens(self, block_size: int) -> int:
         return self.num_blocks * block_size
+
+
+@dataclass(frozen=True)
+class StepTransfers:
+    """Cache-queue task ids of the swap-outs one step starts."""
+
+    before_forward: list[int] = field(default_factory=list)  # copy-on-evict: before the step writes a block
+    wait: list[int] = field(default_factory=list)  # every swap-out: done before the step replies
 
 
 class KVCacheManager:
@@ -58,9 +78,53 @@ class KVCacheManager:
         return self.pool.num_blocks
 
     @property
+    def num_free_blocks(self) -> int:
+        """Device blocks an allocation can take (plain free plus evictable cached)."""
+        return self.pool.num_free
+
+    @property
     def usage(self) -> float:
         """Fraction of device blocks referenced by live sequences (evictable cache counts as free)."""
         return self.pool.num_used / self.pool.num_blocks
+
+    @property
+    def has_cpu_tier(self) -> bool:
+        return self.cpu is not None
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cpu.pool.num_blocks if self.cpu is not None else 0
+
+    @property
+    def num_free_cpu_blocks(self) -> int:
+        return self.cpu.pool.num_free if self.cpu is not None else 0
+
+    @property
+    def cpu_usage(self) -> float:
+        return self.cpu.usage if self.cpu is not None else 0.0
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks the radix tree holds, in either tier."""
+        return len(self.tree)
+
+    @property
+    def num_gpu_cached_blocks(self) -> int:
+        return self.tree.num_gpu
+
+    @property
+    def num_cpu_cached_blocks(self) -> int:
+        return self.tree.num_cpu
+
+    def is_cached(self, block_hash: int) -> bool:
+        return block_hash in self.tree
+
+    def snapshot(self) -> Snapshot:
+        """Every cached block and its ready tiers, as of the last recorded event."""
+        blocks = [SnapshotEntry(n.block_hash, n.parent_hash, n.root,
+                                ([GPU] if n.gpu_ready else []) + ([CPU] if n.cpu_ready else []))
+                  for n in self.tree.nodes() if n.gpu_ready or n.cpu_ready]
+        return Snapshot(self.events.engine_id, self.events.next_seq - 1, blocks)
 
     def lookup(self, seq: Sequence) -> PrefixHit:
         """Longest cached prefix of the sequence's full blocks, device tier first.
@@ -81,7 +145,7 @@ class KVCacheManager:
         held = len(seq.block_ids) + hit.num_blocks
         computed = seq.num_computed_tokens + hit.num_tokens(self.block_size)
         new = max(0, cdiv(computed + num_new_tokens, self.block_size) - held)
-        revived = sum(1 for n in hit.gpu_nodes if self.pool.ref_cnt[n.gpu] == 0)
+        revived = sum(1 for n in hit.gpu_nodes if self.pool.ref_cnt[n.gpu_id] == 0)
         return new + len(hit.cpu_nodes) + revived
 
     # -- mutations -----------------------------------------------------------------
@@ -99,10 +163,10 @@ class KVCacheManager:
         if hit is not None and hit.num_blocks:
             assert not seq.block_ids, "prefix hits apply only to a sequence with no blocks"
             for node in hit.gpu_nodes:  # revive before allocating, or they could be evicted
-                self.pool.touch(node.gpu)
-            seq.block_ids = [n.gpu for n in hit.gpu_nodes]
+                self._share(node)
+            seq.block_ids = [n.gpu_id for n in hit.gpu_nodes]
             if hit.cpu_nodes:
-                self.cpu.start_promotion(seq, hit.cpu_nodes)
+                self._tier().start_promotion(seq, hit.cpu_nodes)
             seq.num_computed_tokens = hit.num_tokens(self.block_size)
             seq.num_committed_blocks = hit.num_blocks
         total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
@@ -118,7 +182,7 @@ class KVCacheManager:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
         for i in range(seq.num_committed_blocks, num_full):
-            parent = seq.block_hashes[i - 1] if i else None
+            parent = parent_hash(seq.block_hashes, i)
             own = seq.block_ids[i]
             existing = self.tree.get(seq.block_hashes[i])
             if existing is not None and existing.gpu_pending:
@@ -128,24 +192,79 @@ class KVCacheManager:
                 self.namespaces.setdefault(seq.root_hash, tuple(seq.request.namespace))
             node = self.tree.insert(parent, seq.root_hash, seq.block_hashes[i], own)
             if fresh:
-                self.events.record(True, GPU, node.block_hash, parent, node.root, STORED)
+                self.events.record_node(True, GPU, node, STORED)
             elif node.gpu != own:
                 # Another sequence cached the same block first: adopt its copy
                 # (same tokens, same KV) so every committed block of a sequence
                 # is a tree node and a referenced node's ancestors stay
                 # referenced -- which is what keeps eviction from the bottom.
-                self.pool.touch(node.gpu)
+                self._share(node)
                 self.pool.free([own])
-                seq.block_ids[i] = node.gpu
+                seq.block_ids[i] = node.gpu_id
             seq.num_committed_blocks = i + 1
 
-    def free(self, seq: Sequence) -> None:
-        """Release every block of the sequence (cached ones stay evictable)."""
+    def free(self, seq: Sequence, demote: bool = True) -> None:
+        """Release every block of the sequence (cached ones stay evictable).
+
+        ``demote=False`` (a recompute preemption): the cached blocks this
+        releases stay in the device tree but never get a CPU copy, so evicting
+        one drops it, as without a CPU tier.
+        """
         if self.cpu is not None and self.cpu.defer_free(seq):
             return  # a swap-in still writes its blocks: released when it completes
+        if not demote and self.cpu is not None:
+            for block in seq.block_ids:
+                if self.pool.ref_cnt[block] == 1 and self.tree.holds_block(block):
+                    node = self.tree.node_of_block(block)
+                    node.keep_off_cpu = node.cpu is None
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.pool.free(reversed(seq.block_ids))
         seq.block_ids = []
         seq.num_committed_blocks = 0
+
+    def _share(self, node: RadixNode) -> None:
+        """One more reference to a cached device block (a hit, or an adopted copy)."""
+        assert node.gpu is not None
+        self.pool.touch(node.gpu)
+        node.keep_off_cpu = False  # in use again: demotable like any other block
+
+    # -- CPU-tier transfers (the scheduler and engine drive them through these) ----------
+
+    def _tier(self) -> CpuTier:
+        assert self.cpu is not None, "no CPU tier (swap_space = 0)"
+        return self.cpu
+
+    @property
+    def has_inflight_transfers(self) -> bool:
+        return self.cpu is not None and bool(self.cpu.inflight)
+
+    def swapping_in_hashes(self) -> set[int]:
+        """Blocks being promoted: a prompt continuing through them waits, not recomputes."""
+        return self.cpu.inflight_hashes() if self.cpu is not None else set()
+
+    def plan_transfers(self) -> StepTransfers:
+        """End of a schedule: the swap-outs of the step. The copy-on-evict batch
+        (blocks this step's allocations reuse) runs before its forward; the
+        write-back of the next eviction candidates runs beside it."""
+        if self.cpu is None:
+            return StepTransfers()
+        evicted = self.cpu.flush_evictions()
+        demotion = self.cpu.plan_demotions()
+        before = [evicted.task_id] if evicted is not None else []
+        return StepTransfers(before, before + ([demotion.task_id] if demotion is not None else []))
+
+    def take_transfers(self) -> list[Transfer]:
+        """Transfers started since the last call, for the cache queue."""
+        return self.cpu.take_started() if self.cpu is not None else []
+
+    def complete_transfer(self, task_id: int, ok: bool) -> Transfer:
+        """Apply a transfer every rank acknowledged (ok) or one that failed anywhere."""
+        t = self._tier().complete(task_id, ok)
+        if t.orphaned and t.seq is not None:
+            self._release(t.seq)  # its sequence finished while the swap-in ran
+        return t
 
     def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
         """Share the parent's blocks with a new child sequence.
@@ -182,10 +301,9 @@ class KVCacheManager:
         for node in self.tree.clear():
             for tier, block in ((GPU, node.gpu), (CPU, node.cpu)):
                 if block is not None:
-                    self.events.record(False, tier, node.block_hash, _parent_hash(node), node.root, "cleared")
+                    self.events.record_node(False, tier, node, CLEARED)
             if node.gpu is not None:
-                self.pool.free_queue.remove(node.gpu)
-                self.pool.free_queue.appendleft(node.gpu)
+                self.pool.uncache(node.gpu)
         return True
 
     def clear_all(self) -> None:
@@ -193,7 +311,7 @@ class KVCacheManager:
         for node in self.tree.nodes():
             for tier, ready in ((GPU, node.gpu_ready), (CPU, node.cpu_ready)):
                 if ready:
-                    self.events.record(False, tier, node.block_hash, _parent_hash(node), node.root, "cleared")
+                    self.events.record_node(False, tier, node, CLEARED)
         self.tree.clear()
         self.pool = BlockPool(self.pool.num_blocks, is_cached=self.tree.holds_block, on_evict=self._evict_gpu)
         if self.cpu is not None:
@@ -209,7 +327,7 @@ class KVCacheManager:
             # A CPU copy exists (or is being made before this block is overwritten):
             # only the device copy goes.
             self.tree.set_gpu(node, None)
-            self.events.record(False, GPU, node.block_hash, _parent_hash(node), node.root, EVICTED)
+            self.events.record_node(False, GPU, node, EVICTED)
             return
         self.drop_subtree(node)
 
@@ -222,7 +340,7 @@ class KVCacheManager:
             assert n is node or n.gpu is None, "dropping a block that has a device copy"
             for tier, ready in ((GPU, n.gpu_ready), (CPU, n.cpu_ready)):
                 if ready:  # a copy still being written was never announced
-                    self.events.record(False, tier, n.block_hash, _parent_hash(n), n.root, EVICTED)
+                    self.events.record_node(False, tier, n, EVICTED)
 
     def drop_namespace(self, prefix: str) -> int:
         """Evict every unused cached block of the namespaces that start with
@@ -238,11 +356,12 @@ class KVCacheManager:
             for n in list(top.subtree()):  # children before parents
                 if n.children or self._in_use(n):
                     continue
-                for pool, block in ((self.pool, n.gpu), (self.cpu.pool if self.cpu else None, n.cpu)):
-                    if block is not None:  # reuse it first, like a never-cached block
-                        pool.free_queue.remove(block)
-                        pool.free_queue.appendleft(block)
+                gpu, cpu = n.gpu, n.cpu
                 self.drop_subtree(n)
+                if gpu is not None:  # reuse it first, like a never-cached block
+                    self.pool.uncache(gpu)
+                if cpu is not None:
+                    self._tier().pool.uncache(cpu)
                 dropped += 1
         return dropped
 
@@ -273,6 +392,9 @@ class KVCacheManager:
             "free queue must hold exactly the unreferenced blocks"
         for node in self.tree.nodes():
             assert node.gpu is not None or node.cpu is not None, "node without any copy"
+            if node.keep_off_cpu:
+                assert node.cpu is None and node.gpu is not None and not self.pool.ref_cnt[node.gpu], \
+                    "a block kept off the CPU tier must be an unreferenced device-only block"
             if node.parent is not None:
                 assert self.tree.get(node.parent.block_hash) is node.parent, "orphaned tree node"
                 if node.gpu is not None:
@@ -280,7 +402,7 @@ class KVCacheManager:
             if node.gpu is not None and self.pool.ref_cnt[node.gpu]:
                 p = node.parent
                 while p is not None:  # a used node's whole prefix is in use too
-                    assert self.pool.ref_cnt[p.gpu], "referenced node under an unreferenced parent"
+                    assert self.pool.ref_cnt[p.gpu_id], "referenced node under an unreferenced parent"
                     p = p.parent
         head_cached = next((b for b in free if self.tree.holds_block(b)), None)
         if head_cached is not None:
@@ -288,7 +410,3 @@ class KVCacheManager:
                 "next cached block to evict still has device-resident children"
         if self.cpu is not None:
             self.cpu.check_invariants()
-
-
-def _parent_hash(node: RadixNode) -> int | None:
-    return node.parent.block_hash if node.parent is not None else None

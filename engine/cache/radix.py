@@ -25,11 +25,14 @@ class RadixNode:
     cpu: int | None = None  # CPU-pool block id
     gpu_pending: bool = False  # device copy being written (a swap-in in flight)
     cpu_pending: bool = False  # CPU copy being written (a demotion in flight)
+    # Freed by a recompute preemption: its device copy is never demoted (evicting it drops it).
+    keep_off_cpu: bool = False
     children: dict[int, RadixNode] = field(default_factory=dict)
 
     @property
-    def is_leaf(self) -> bool:
-        return not self.children
+    def parent_hash(self) -> int | None:
+        """The parent block's hash; None for the first block of a chain."""
+        return self.parent.block_hash if self.parent is not None else None
 
     @property
     def gpu_ready(self) -> bool:
@@ -39,14 +42,34 @@ class RadixNode:
     def cpu_ready(self) -> bool:
         return self.cpu is not None and not self.cpu_pending
 
+    @property
+    def gpu_id(self) -> int:
+        """The device block of a node known to hold one."""
+        assert self.gpu is not None, "the node holds no device block"
+        return self.gpu
+
+    @property
+    def cpu_id(self) -> int:
+        """The CPU block of a node known to hold one."""
+        assert self.cpu is not None, "the node holds no CPU block"
+        return self.cpu
+
     def has_gpu_children(self) -> bool:
         return any(c.gpu is not None for c in self.children.values())
 
     def subtree(self) -> Iterator[RadixNode]:
-        """This node and its descendants, children before parents."""
-        for child in list(self.children.values()):
-            yield from child.subtree()
-        yield self
+        """This node and its descendants, children before parents.
+
+        Iterative: a chain of blocks is as deep as a prompt is long (24k tokens at block
+        size 16 is 1,500 levels), past Python's recursion limit."""
+        stack: list[tuple[RadixNode, bool]] = [(self, False)]
+        while stack:
+            node, children_done = stack.pop()
+            if children_done:
+                yield node
+                continue
+            stack.append((node, True))
+            stack.extend((child, False) for child in list(node.children.values()))
 
 
 class RadixTree:

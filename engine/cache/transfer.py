@@ -5,9 +5,10 @@ configured); every rank runs a ``CacheTransferServer`` thread that connects a
 DEALER, executes tasks (swap-in, swap-out) on its own pools -- on CUDA on a
 side stream, so copies overlap the model's forward -- and acknowledges each
 task. ``CacheTransferClient`` reports a task done only when every rank acked
-it; a rank that fails a task fails it for all. The messages are in
-engine/executor/protocol.py: msgpack via engine/executor/wire.py, validated,
-never pickled.
+it; a rank that fails a task fails it for all. Messages are msgpack via
+engine/executor/wire.py (types in engine/executor/protocol.py), validated, never pickled. The bytes move with the
+staged Triton swap kernels of kernels/block_copy.py on CUDA and with their
+torch reference on CPU (``swap_fn``).
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 import zmq
 
+from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.net import bind_router
 from radixserve.engine.executor.protocol import (
@@ -31,8 +33,21 @@ from radixserve.engine.executor.protocol import (
     TransferTask,
 )
 from radixserve.kernels import block_copy
+from radixserve.kernels._triton import HAS_TRITON
 
 log = logging.getLogger(__name__)
+
+# swap(src_pool, dst_pool, src_block_ids, dst_block_ids): dst_pool[:, :, dst[i]] = src_pool[:, :, src[i]]
+SwapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def swap_fn(device: torch.device) -> SwapFn:
+    """How blocks move between a device pool on ``device`` and its host pool:
+    on CUDA the Triton kernels (one gather/scatter launch and one staged PCIe
+    copy per task), elsewhere the torch reference (a Triton kernel needs CUDA)."""
+    if device.type == "cuda" and HAS_TRITON:
+        return block_copy.swap_blocks
+    return block_copy.swap_blocks_ref
 
 
 class CacheTransferClient:
@@ -127,6 +142,7 @@ class CacheTransferServer:
         self.host_pool = host_pool      # same layout, CPU (pinned on CUDA machines)
         self.block_bytes = device_pool[:, :, 0].numel() * device_pool.element_size()
         self.stream = torch.cuda.Stream(device_pool.device) if device_pool.is_cuda else None
+        self.swap = swap_fn(device_pool.device)
         self._done: set[int] = set()
         self._cond = threading.Condition()
         self._stop = False
@@ -156,10 +172,10 @@ class CacheTransferServer:
         dev = self.device_pool.device
         gpu = torch.tensor(task.gpu_blocks, dtype=torch.long, device=dev)
         cpu = torch.tensor(task.cpu_blocks, dtype=torch.long)
-        if task.kind == "swap_out":
-            block_copy.swap_blocks_ref(self.device_pool, self.host_pool, gpu, cpu)
-        elif task.kind == "swap_in":
-            block_copy.swap_blocks_ref(self.host_pool, self.device_pool, cpu, gpu)
+        if task.kind == SWAP_OUT:
+            self.swap(self.device_pool, self.host_pool, gpu, cpu)
+        elif task.kind == SWAP_IN:
+            self.swap(self.host_pool, self.device_pool, cpu, gpu)
         else:
             raise ValueError(f"unknown transfer kind {task.kind!r}")
 
@@ -198,7 +214,7 @@ class CacheTransferServer:
                 if kind == "stop":
                     return
                 sock.send(wire.encode("ack", self._execute(task)))
-                if task.kind == "swap_out":  # only swap-outs are waited for by the step
+                if task.kind == SWAP_OUT:  # only swap-outs are waited for by the step
                     with self._cond:
                         self._done.add(task.task_id)
                         self._cond.notify_all()

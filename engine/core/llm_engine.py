@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence as Seq
 
-from radixserve.engine.cache.events import EventLog
+from radixserve.engine.cache.events import EventLog, Snapshot
 from radixserve.engine.cache.hashing import cache_namespace, root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.cache.transfer import CacheTransferClient
@@ -74,6 +74,9 @@ class LLMEngine:
         num_cpu = cache.num_cpu_blocks
         if num_cpu is None:
             num_cpu = int(cache.swap_space * 2**30) // self.executor.block_bytes
+        if not num_cpu and self.config.scheduler.preemption_mode == "swap":  # before the workers allocate
+            raise ValueError(f"preemption_mode='swap' needs a CPU tier, but swap_space = {cache.swap_space} GiB "
+                             f"holds no {self.executor.block_bytes}-byte block")
         if num_cpu:
             self.transfers = CacheTransferClient(par.host, par.cache_queue_port, par.tensor_parallel_size)
         address = self.transfers.address if self.transfers else ""
@@ -251,7 +254,7 @@ class LLMEngine:
             return []
         done = self.transfers.poll(set(wait_for), self.config.parallel.worker_timeout_s)
         if not done and wait_s:
-            if self.kv.cpu.inflight:
+            if self.kv.has_inflight_transfers:
                 self.transfers.wait_any(0.05)  # returns as soon as an ack arrives
                 done = self.transfers.poll()
             else:
@@ -321,23 +324,19 @@ class LLMEngine:
         cache transfers here."""
         m = self.metrics
         m.observe("step_seconds", seconds)
-        if self.kv.cpu is not None:
-            m.set("cpu_cache_usage_perc", self.kv.cpu.usage)
+        if self.kv.has_cpu_tier:
+            m.set("cpu_cache_usage_perc", self.kv.cpu_usage)
         m.set("num_requests_running", len({s.request.request_id for s in self.scheduler.running}))
         m.set("num_requests_waiting", len({s.request.request_id for s in self.scheduler.waiting}))
         m.set("kv_cache_usage_perc", self.kv.usage)
-        m.set("num_cached_blocks", len(self.kv.tree))
+        m.set("num_cached_blocks", self.kv.num_cached_blocks)
         if self.lora is not None:
             m.set("num_loras_loaded", len(self.lora.adapters))
             m.set("num_loras_resident", self.lora.num_resident)
 
-    def snapshot(self):
+    def snapshot(self) -> Snapshot:
         """Every cached block and its tiers, as of the last recorded event."""
-        from radixserve.engine.cache.events import Snapshot, SnapshotEntry
-        blocks = [SnapshotEntry(n.block_hash, n.parent.block_hash if n.parent else None, n.root,
-                                (["gpu"] if n.gpu_ready else []) + (["cpu"] if n.cpu_ready else []))
-                  for n in self.kv.tree.nodes() if n.gpu_ready or n.cpu_ready]
-        return Snapshot(self.engine_id, self.events.next_seq - 1, blocks)
+        return self.kv.snapshot()
 
     def shutdown(self) -> None:
         executor = getattr(self, "executor", None)

@@ -69,6 +69,8 @@ _SCALARS = {
     "num_requests_aborted": ("counter", "Requests aborted by the client"),
     "num_requests_failed": ("counter", "Requests failed by an engine error"),
     "num_preemptions": ("counter", "Sequences preempted"),
+    "num_preemptions_swap": ("counter", "Preemptions whose blocks may move to the CPU tier (preemption_mode swap)"),
+    "num_preemptions_recompute": ("counter", "Preemptions whose blocks stay device-only (preemption_mode recompute)"),
     "swap_in_blocks": ("counter", "KV blocks copied CPU tier -> device"),
     "swap_out_blocks": ("counter", "KV blocks copied device -> CPU tier"),
     "swap_in_bytes": ("counter", "Bytes copied CPU tier -> device, all ranks"),

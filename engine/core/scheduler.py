@@ -5,6 +5,12 @@ each, or the next chunk of an unfinished prefill), oldest first, preempting
 the youngest running sequence when blocks run out; then on waiting sequences
 in arrival order (FCFS), each looked up in the prefix cache before its blocks
 are allocated. The output names token ids and block ids only.
+
+Preemption drops a sequence's KV and requeues it; its cached blocks stay in
+the tree, so the re-prefill usually hits them. ``preemption_mode`` "swap" (the
+default with a CPU tier) lets those blocks move to the CPU tier and come back
+as a CPU-tier hit; "recompute" keeps them device-only: once evicted, they are
+computed again.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from radixserve.engine.cache.cpu_tier import Transfer
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.config import SchedulerConfig
 from radixserve.engine.core.metrics import EngineMetrics
@@ -35,12 +42,22 @@ def _priority(seq: Sequence) -> tuple[float, int]:
     return (seq.request.arrival_time, seq.seq_id)
 
 
+def preempts_by_swap(mode: str, has_cpu_tier: bool) -> bool:
+    """Resolve ``SchedulerConfig.preemption_mode``: auto is swap with a CPU tier."""
+    if mode == "swap" and not has_cpu_tier:
+        raise ValueError("preemption_mode='swap' moves preempted blocks to the CPU tier, but there is "
+                         "none: set swap_space > 0 (or num_cpu_blocks > 0), or use preemption_mode="
+                         "'recompute' or 'auto'")
+    return mode == "swap" or (mode == "auto" and has_cpu_tier)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  eos_token_ids: frozenset[int], lora: LoRAManager | None = None,
                  metrics: EngineMetrics | None = None):
         self.config = config
         self.kv = kv
+        self.swap_preempted = preempts_by_swap(config.preemption_mode, kv.has_cpu_tier)
         self.lora = lora  # adapter slots; None when LoRA is disabled
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
@@ -128,14 +145,14 @@ class Scheduler:
     # -- scheduling ----------------------------------------------------------
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the KV (cached blocks stay in the tree,
-        so the re-prefill usually hits them) and requeue at the front."""
+        """Drop the KV and requeue at the front (see the module docstring)."""
         self.running.remove(seq)
-        self.kv.free(seq)
+        self.kv.free(seq, demote=self.swap_preempted)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.metrics.inc("num_preemptions")
+        self.metrics.inc("num_preemptions_swap" if self.swap_preempted else "num_preemptions_recompute")
 
     def _schedule_running(self, budget: int, out: list[tuple[Sequence, int]]) -> tuple[int, bool]:
         preempted = False
@@ -166,7 +183,7 @@ class Scheduler:
 
     def _inflight_hashes(self) -> set[int]:
         """Block hashes that running prefills are computing but have not committed yet."""
-        inflight = self.kv.cpu.inflight_hashes() if self.kv.cpu is not None else set()
+        inflight = self.kv.swapping_in_hashes()
         for seq in self.running:
             if seq.num_uncomputed > 1:
                 inflight.update(seq.block_hashes[seq.num_computed_tokens // self.kv.block_size:])
@@ -252,14 +269,9 @@ class Scheduler:
         out = SchedulerOutput(step_id=self._step_id, finished_seq_ids=self._finished_ids,
                               block_copies=self._pending_copies,
                               lora_loads=self.lora.take_loads() if self.lora is not None else [])
-        if self.kv.cpu is not None:
-            evicted = self.kv.cpu.flush_evictions()  # blocks this step reuses: copy them out first
-            if evicted is not None:
-                out.transfers_before_forward.append(evicted.task_id)
-                out.wait_transfers.append(evicted.task_id)
-            demotion = self.kv.cpu.plan_demotions()  # write back the next candidates during the step
-            if demotion is not None:
-                out.wait_transfers.append(demotion.task_id)
+        transfers = self.kv.plan_transfers()  # copy out reused blocks first, write back the next ones
+        out.transfers_before_forward.extend(transfers.before_forward)
+        out.wait_transfers.extend(transfers.wait)
         self._finished_ids, self._pending_copies = [], []
         for seq, n in chosen:
             self._emit(seq, n, out)
@@ -341,15 +353,14 @@ class Scheduler:
         elif seq.num_tokens >= self.max_model_len:
             self.finish_seq(seq, "length")
 
-    def take_transfers(self) -> list:
+    def take_transfers(self) -> list[Transfer]:
         """Transfers started since the last call, for the cache queue."""
-        return self.kv.cpu.take_started() if self.kv.cpu is not None else []
+        return self.kv.take_transfers()
 
-    def apply_transfer(self, task_id: int, ok: bool):
+    def apply_transfer(self, task_id: int, ok: bool) -> tuple[Transfer, Sequence | None]:
         """A transfer finished on every rank. Returns (the Transfer, the sequence
         whose swap-in failed -- already finished with "error" -- or None)."""
-        assert self.kv.cpu is not None, "a transfer finished without a CPU tier"
-        t = self.kv.cpu.complete(task_id, ok)
+        t = self.kv.complete_transfer(task_id, ok)
         seq = t.seq
         if seq is None or t.orphaned or seq.status != SeqStatus.SWAPPING_IN:
             return t, None

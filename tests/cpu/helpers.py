@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 
 from radixserve.engine import LLM, SamplingParams
-from radixserve.engine.cache.events import CPU, GPU
 from radixserve.engine.cache.hashing import root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.core.sequence import Request, Sequence
@@ -25,6 +24,23 @@ from radixserve.engine.lora.adapter import TARGET_MODULES, module_shapes
 # ----------------------------------------------------------------------------- cache
 
 _ids = itertools.count()
+
+
+BS = 4  # the block size of the bookkeeping tests (make_seq's default)
+EOS = 3  # their end-of-sequence token
+
+
+def make_request(tokens: list[int], params: SamplingParams, arrival: float | None = None) -> Request:
+    """A request of block size BS, with its n / best_of sequences forked from the first."""
+    req = Request(f"r{next(_ids)}", None, list(tokens), params, (),
+                  arrival if arrival is not None else float(next(_ids)))
+    root = root_hash(())
+    head = Sequence(next(_ids), req, 0, list(tokens), BS, root)
+    req.seqs.append(head)
+    for i in range(1, params.best_of or params.n):
+        req.seqs.append(Sequence(next(_ids), req, i, list(tokens), BS, root,
+                                 block_hashes=list(head.block_hashes), parent=head))
+    return req
 
 
 def make_seq(tokens: list[int], namespace: tuple[str, ...] = (), block_size: int = 4) -> Sequence:
@@ -42,12 +58,19 @@ def compute(kv: KVCacheManager, seq: Sequence, n: int) -> None:
 
 
 def tree_tiers(kv: KVCacheManager) -> dict[int, set[str]]:
-    out = {}
-    for n in kv.tree.nodes():
-        tiers = ({GPU} if n.gpu_ready else set()) | ({CPU} if n.cpu_ready else set())
-        if tiers:
-            out[n.block_hash] = tiers
-    return out
+    """Block hash -> the tiers holding it, read through the cache's snapshot."""
+    return {e.block_hash: set(e.tiers) for e in kv.snapshot().blocks}
+
+
+def complete_all(kv: KVCacheManager, ok: bool = True) -> None:
+    for t in kv.take_transfers():
+        kv.complete_transfer(t.task_id, ok)
+
+
+def settle(kv: KVCacheManager, ok: bool = True) -> None:
+    """End a step: plan its swap-outs, then complete every transfer started."""
+    kv.plan_transfers()
+    complete_all(kv, ok)
 
 
 def run_seq(kv: KVCacheManager, tokens: list[int]) -> Sequence:

@@ -94,7 +94,7 @@ def assert_error(resp: httpx.Response, status: int, *, param: str | None = None,
 def engine_state(engine) -> tuple[int, int, int]:
     """(free blocks, all blocks, live requests), read between two engine steps."""
     async def get():
-        return await engine.call(lambda e: (e.kv.pool.num_free, e.kv.pool.num_blocks,
+        return await engine.call(lambda e: (e.kv.num_free_blocks, e.kv.num_blocks,
                                             len(e.scheduler.requests)))
     return asyncio.run(get())
 

@@ -61,7 +61,7 @@ def test_disconnect_aborts_and_frees_blocks(engine):
         await agen.aclose()
         for _ in range(100):  # the abort is applied between two steps
             state = await engine.call(lambda e: (e.scheduler.requests.get("gone"),
-                                                 e.kv.pool.num_free, e.kv.pool.num_blocks))
+                                                 e.kv.num_free_blocks, e.kv.num_blocks))
             if state[0] is None and state[1] == state[2]:
                 return state
             await asyncio.sleep(0.05)

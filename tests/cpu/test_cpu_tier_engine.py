@@ -93,7 +93,36 @@ def test_bad_swap_space_config(tiny_dir):
 def test_swap_space_sizes_the_cpu_pool(tiny_dir):
     llm = LLM(str(tiny_dir), swap_space=0.01, cache_queue_port=0)
     block_bytes = llm.engine.executor.block_bytes
-    assert llm.engine.kv.cpu.pool.num_blocks == int(0.01 * 2**30) // block_bytes
+    assert llm.engine.kv.num_cpu_blocks == int(0.01 * 2**30) // block_bytes
     # tiny-llama: 2 layers x (K, V) x 16 tokens x 2 kv heads x 16 dims x 4 bytes (fp32)
     assert block_bytes == 2 * 2 * 16 * 2 * 16 * 4
     llm.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preemption_modes_give_the_same_tokens(tiny_dir, mode):
+    prompts = [f"Request number {i}: " + "words " * (5 + 3 * i) for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = LLM(str(tiny_dir), enable_prefix_caching=False, max_model_len=256)  # roomy pool: no preemption
+    expect = [o.outputs[0].token_ids for o in ref.generate(prompts, params)]
+    llm = LLM(str(tiny_dir), num_gpu_blocks=14, num_cpu_blocks=64, max_num_seqs=6, max_model_len=256,
+              preemption_mode=mode, engine_worker_queue_port=0, cache_queue_port=0)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expect
+    stats, m = llm.engine.scheduler.stats, llm.engine.metrics.snapshot()
+    assert ref.engine.metrics.snapshot().get("num_preemptions", 0) == 0
+    assert m["num_preemptions"] == stats.num_preemptions > 0
+    if mode == "swap":  # preempted blocks went to the CPU tier and came back from it
+        assert stats.num_swap_preemptions == stats.num_preemptions and m.get("swap_in_blocks", 0) > 0
+    else:  # distinct prompts: nothing but a preempted sequence could have hit the CPU tier
+        assert stats.num_recompute_preemptions == stats.num_preemptions and m.get("swap_in_blocks", 0) == 0
+    llm.engine.kv.check_invariants([])
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    llm.shutdown()
+    ref.shutdown()
+
+
+def test_swap_preemption_needs_a_cpu_tier(tiny_dir):
+    with pytest.raises(ValueError, match="preemption_mode='swap'.*swap_space > 0"):
+        LLM(str(tiny_dir), preemption_mode="swap")
+    with pytest.raises(ValueError, match="holds no .*-byte block"):  # a CPU tier too small for one block
+        LLM(str(tiny_dir), preemption_mode="swap", swap_space=1e-9, cache_queue_port=0)

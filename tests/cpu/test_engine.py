@@ -67,7 +67,7 @@ def test_preemption_gives_same_tokens(tiny_dir, llm_nocache):
     small = LLM(str(tiny_dir), num_gpu_blocks=14, max_num_seqs=6)  # forces preemption
     assert texts(small.generate(prompts, params)) == texts(llm_nocache.generate(prompts, params))
     assert small.engine.metrics.snapshot()["num_preemptions"] > 0
-    assert small.engine.kv.pool.num_free == small.engine.kv.pool.num_blocks
+    assert small.engine.kv.num_free_blocks == small.engine.kv.num_blocks
 
 
 def test_bad_inputs_raise_and_engine_keeps_serving(llm):

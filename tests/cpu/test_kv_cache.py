@@ -57,10 +57,10 @@ def test_eviction_only_when_needed_lru_leaf_first():
     a = make_seq(list(range(8)) + [0])  # 2 full blocks + 1 partial
     compute(kv, a, 9)
     kv.free(a)
-    assert len(kv.tree) == 2 and kv.pool.num_free == 6  # cached blocks stay, evictable
+    assert kv.num_cached_blocks == 2 and kv.num_free_blocks == 6  # cached blocks stay, evictable
     b = make_seq([50 + i for i in range(12)])  # needs 3 blocks: 3 plain free ones exist
     compute(kv, b, 12)
-    assert len(kv.tree) == 5 and kv.num_evicted_blocks == 0
+    assert kv.num_cached_blocks == 5 and kv.num_evicted_blocks == 0
     c = make_seq([90, 91, 92])  # 1 block: the partial block of `a` was plain free -> no eviction
     compute(kv, c, 3)
     assert kv.num_evicted_blocks == 0
@@ -83,7 +83,7 @@ def test_duplicate_blocks_are_adopted():
     kv.free(a)
     kv.free(b)
     kv.check_invariants([])
-    assert kv.pool.num_free == 16
+    assert kv.num_free_blocks == 16
 
 
 def test_fork_shares_full_blocks_and_copies_partial():
@@ -102,7 +102,7 @@ def test_disabled_prefix_caching_never_hits():
     a = make_seq(list(range(12)))
     compute(kv, a, 12)
     kv.free(a)
-    assert kv.lookup(make_seq(list(range(12)))).num_tokens(BS) == 0 and len(kv.tree) == 0
+    assert kv.lookup(make_seq(list(range(12)))).num_tokens(BS) == 0 and kv.num_cached_blocks == 0
 
 
 class KVMachine(RuleBasedStateMachine):
@@ -164,7 +164,7 @@ class KVMachine(RuleBasedStateMachine):
         for seq in self.live:
             self.kv.free(seq)
         self.kv.check_invariants([])
-        assert self.kv.pool.num_free == self.kv.pool.num_blocks  # nothing leaked
+        assert self.kv.num_free_blocks == self.kv.num_blocks  # nothing leaked
 
 
 TestKVMachine = KVMachine.TestCase

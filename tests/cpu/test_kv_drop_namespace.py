@@ -14,15 +14,15 @@ def test_drop_namespace_evicts_only_that_namespace_unreferenced():
         compute(kv, s, s.num_tokens)
     kv.free(a1)
     kv.free(b)
-    n = len(kv.tree)
+    n = kv.num_cached_blocks
     # a2 still holds the shared first two blocks and its third; a1's own third block is free
     assert kv.drop_namespace("lora:a:1") == 1
-    assert len(kv.tree) == n - 1 and kv.tree.get(b.block_hashes[0]) is not None
+    assert kv.num_cached_blocks == n - 1 and kv.is_cached(b.block_hashes[0])
     kv.check_invariants([a2])
     kv.free(a2)
     assert kv.drop_namespace("lora:a:1") == 3
     assert kv.drop_namespace("lora:a:1") == 0
-    assert len(kv.tree) == 3  # b's three blocks
+    assert kv.num_cached_blocks == 3  # b's three blocks
     kv.check_invariants([])
 
 
@@ -32,26 +32,27 @@ def test_dropped_blocks_are_plain_free():
         s = make_seq([10 + i, 1, 2, 3, 4], ("lora:x:1",) if i % 2 else ())
         compute(kv, s, s.num_tokens)
         kv.free(s)
-    cached = len(kv.tree)
+    cached = kv.num_cached_blocks
     dropped = kv.drop_namespace("lora:x:1")
-    assert dropped == cached - len(kv.tree) > 0
-    head = [kv.pool.free_queue.popleft() for _ in range(dropped)]  # handed out first, no eviction needed
-    assert not any(kv.tree.holds_block(b) for b in head)
+    assert dropped == cached - kv.num_cached_blocks > 0
+    evicted = kv.num_evicted_blocks
+    s = make_seq(list(range(5000, 5000 + 4 * dropped)))  # takes `dropped` blocks
+    compute(kv, s, s.num_tokens)
+    assert kv.num_evicted_blocks == evicted  # the dropped blocks were handed out first: no eviction
 
 
 def test_drop_namespace_covers_the_cpu_tier_and_events():
     from radixserve.engine.cache.events import BlockIndex, EventLog
+    from tests.cpu.helpers import settle
     log = EventLog("e")
     kv = KVCacheManager(8, 4, True, num_cpu_blocks=16, events=log, demote_window=8)
     s = make_seq(list(range(13)), ("lora:a:1",))
     compute(kv, s, s.num_tokens)
     kv.free(s)
-    t = kv.cpu.plan_demotions()
-    kv.cpu.take_started()
-    kv.cpu.complete(t.task_id, True)
-    assert kv.tree.num_cpu == 3
+    settle(kv)  # demote its blocks
+    assert kv.num_cpu_cached_blocks == 3
     assert kv.drop_namespace("lora:a:1") == 3
-    assert len(kv.tree) == 0 and kv.cpu.pool.num_free == 16
+    assert kv.num_cached_blocks == 0 and kv.num_free_cpu_blocks == 16
     index = BlockIndex()
     assert index.apply(log.drain()) and index.tiers == tree_tiers(kv) == {}
     kv.check_invariants([])
@@ -64,4 +65,4 @@ def test_drop_namespace_reaches_every_tenant_of_the_adapter():
         compute(kv, s, s.num_tokens)
         kv.free(s)
     assert kv.drop_namespace("lora:a:1") == 4
-    assert len(kv.tree) == 2
+    assert kv.num_cached_blocks == 2

@@ -194,9 +194,9 @@ def test_unload_drops_blocks_and_refuses_new_requests(llm, adapters):
     prompt = random_prompts(1, 2048, seed=15, lo=50, hi=50)
     gen(llm, prompt, lr(adapters, "qv"))
     kv, lora = llm.engine.kv, llm.engine.lora
-    before, dropped = len(kv.tree), lora.stats.dropped_blocks
+    before, dropped = kv.num_cached_blocks, lora.stats.dropped_blocks
     llm.unload_lora("qv")
-    assert lora.stats.dropped_blocks - dropped >= 3 and len(kv.tree) <= before - 3
+    assert lora.stats.dropped_blocks - dropped >= 3 and kv.num_cached_blocks <= before - 3
     with pytest.raises(ValueError, match="'qv' is not loaded"):
         gen(llm, prompt, LoRARequest("qv"))
     assert "qv" not in [i.name for i in llm.list_loras()]

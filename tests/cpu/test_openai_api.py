@@ -296,7 +296,7 @@ def test_router_hashes_match_the_engine(http, keyed_url, engine, backend):
         hashes = prompt_block_hashes(prompt, backend.block_size, namespace)
 
         async def look():
-            return await engine.call(lambda e: [e.kv.tree.get(h) is not None for h in hashes])
+            return await engine.call(lambda e: [e.kv.is_cached(h) for h in hashes])
         return asyncio.run(look())
     assert cached(request_namespace("bob", None)) == [True] * 4
     assert cached(request_namespace("alice", None)) == [False] * 4

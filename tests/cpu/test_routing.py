@@ -8,7 +8,7 @@ from radixserve.cluster.routing_policy import ReplicaState, RouterConfig, Routin
 from radixserve.engine.cache.events import EventLog
 from radixserve.engine.cache.hashing import prompt_block_hashes
 from radixserve.engine.cache.kv_manager import KVCacheManager
-from tests.cpu.helpers import run_seq
+from tests.cpu.helpers import run_seq, settle
 
 
 def directory_with(events_by_replica: dict[str, EventLog]) -> CacheDirectory:
@@ -32,9 +32,7 @@ def test_directory_tracks_tiers_and_router_copy_follows_deltas():
     assert local.hit("a", hashes) == (3, 0) and local.hit("b", hashes) == (0, 0)
     # demote a's blocks: the router sees them move to the CPU tier
     kva.free(first)
-    t = kva.cpu.plan_demotions()
-    kva.cpu.take_started()
-    kva.cpu.complete(t.task_id, True)
+    settle(kva)
     assert d.push("a", logs["a"].drain())
     local.apply(d.pull(local.version))
     assert local.hit("a", hashes) == (0, 3)
@@ -52,13 +50,10 @@ def test_gap_asks_for_snapshot_and_snapshot_resyncs():
     log.drain()  # lost on the way
     run_seq(kv, [50 + i for i in range(9)])
     assert not d.push("a", log.drain())  # gap: the actor wants a snapshot
-    from radixserve.engine.cache.events import Snapshot, SnapshotEntry
-    snap = Snapshot("a", log.next_seq - 1, [SnapshotEntry(n.block_hash, None, n.root, ["gpu"])
-                                            for n in kv.tree.nodes()])
-    d.push_snapshot("a", snap)
+    d.push_snapshot("a", kv.snapshot())
     run_seq(kv, [90 + i for i in range(5)])
     assert d.push("a", log.drain())  # continues after the snapshot's sequence number
-    assert set(d.replicas["a"].index.tiers) == {n.block_hash for n in kv.tree.nodes()}
+    assert set(d.replicas["a"].index.tiers) == {e.block_hash for e in kv.snapshot().blocks}
 
 
 def test_fingerprint_mismatch_is_refused():

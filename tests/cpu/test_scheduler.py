@@ -5,36 +5,19 @@ which is all the scheduler can observe of the workers.
 """
 from __future__ import annotations
 
-import itertools
 import random
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from radixserve.engine.cache.hashing import root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.config import SchedulerConfig
 from radixserve.engine.core.scheduler import Scheduler
 from radixserve.engine.core.scheduler_output import SampledToken, StepResult
-from radixserve.engine.core.sequence import Request, SeqStatus, Sequence
+from radixserve.engine.core.sequence import SeqStatus, Sequence
 from radixserve.engine.sampling_params import SamplingParams
-
-BS = 4
-EOS = 3
-_ids = itertools.count()
-
-
-def make_request(tokens: list[int], params: SamplingParams, arrival: float | None = None) -> Request:
-    req = Request(f"r{next(_ids)}", None, list(tokens), params, (),
-                  arrival if arrival is not None else float(next(_ids)))
-    root = root_hash(())
-    head = Sequence(next(_ids), req, 0, list(tokens), BS, root)
-    req.seqs.append(head)
-    for i in range(1, params.best_of or params.n):
-        req.seqs.append(Sequence(next(_ids), req, i, list(tokens), BS, root,
-                                 block_hashes=list(head.block_hashes), parent=head))
-    return req
+from tests.cpu.helpers import BS, EOS, make_request
 
 
 def make_scheduler(num_blocks=64, budget=32, max_seqs=8, chunked=True, caching=True, max_len=200):
@@ -112,7 +95,7 @@ def test_preemption_recompute_and_prefix_hit_on_resume():
     run_to_end(sched, rng)
     assert sched.metrics.values["num_preemptions"] >= 1
     assert old.seqs[0].num_output_tokens == young.seqs[0].num_output_tokens == 10
-    assert sched.kv.pool.num_free == 6
+    assert sched.kv.num_free_blocks == 6
 
 
 def test_abort_frees_every_block():
@@ -126,7 +109,7 @@ def test_abort_frees_every_block():
     sched.abort_request(r.request_id)
     assert all(s.finish_reason == "abort" for s in r.seqs)
     sched.kv.check_invariants([])
-    assert sched.kv.pool.num_free == sched.kv.pool.num_blocks
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
 
 
 def test_n_children_share_prompt_blocks():
@@ -189,7 +172,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self):
         run_to_end(self.sched, self.rng)
         self.sched.kv.check_invariants([])
-        assert self.sched.kv.pool.num_free == self.sched.kv.pool.num_blocks
+        assert self.sched.kv.num_free_blocks == self.sched.kv.num_blocks
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase

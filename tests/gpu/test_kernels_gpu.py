@@ -148,3 +148,23 @@ def test_copy_and_swap_blocks_real_shapes():
     swap_blocks_ref(host, expected, host_ids, dst)
     torch.cuda.synchronize()
     assert torch.equal(swapped_in, expected)
+
+
+def test_cache_transfer_server_uses_the_triton_swap_kernels():
+    from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
+    from radixserve.engine.cache.transfer import CacheTransferServer, TransferTask
+    from radixserve.kernels.block_copy import swap_blocks
+
+    shape = (2, 2, 64, 16, 8, 128)  # [layers, K/V, blocks, block_size, kv_heads, head_dim]
+    pool = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+    host = torch.zeros((2, 2, 32, 16, 8, 128), dtype=torch.bfloat16).pin_memory()
+    server = CacheTransferServer(0, "tcp://127.0.0.1:1", pool, host)  # no client: _execute is called directly
+    try:
+        assert server.swap is swap_blocks
+        gpu, cpu = [9, 3, 40, 17], [0, 31, 5, 6]
+        assert server._execute(TransferTask(1, SWAP_OUT, gpu, cpu)).ok  # side stream, synchronized
+        assert torch.equal(host[:, :, cpu], pool[:, :, gpu].cpu())
+        assert server._execute(TransferTask(2, SWAP_IN, [60, 61, 62, 63], cpu)).ok
+        assert torch.equal(pool[:, :, 60:64], pool[:, :, gpu])
+    finally:
+        server.stop()

@@ -1,0 +1,40 @@
+"""The cache queue (engine/cache/transfer.py) without a model: which swap
+implementation a rank uses, and a real ZMQ round trip on CPU pools."""
+from __future__ import annotations
+
+import torch
+
+from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
+from radixserve.engine.cache.transfer import CacheTransferClient, CacheTransferServer, TransferTask, swap_fn
+from radixserve.kernels import block_copy
+from radixserve.kernels._triton import HAS_TRITON
+
+SHAPE = (2, 2, 8, 4, 2, 8)  # [layers, K/V, blocks, block_size, kv_heads, head_dim]
+
+
+def test_swap_implementation_is_picked_by_device():
+    assert swap_fn(torch.device("cpu")) is block_copy.swap_blocks_ref  # Triton needs CUDA
+    triton_or_ref = block_copy.swap_blocks if HAS_TRITON else block_copy.swap_blocks_ref
+    assert swap_fn(torch.device("cuda", 0)) is triton_or_ref
+
+
+def test_swap_out_and_in_round_trip_on_cpu_pools():
+    device_pool = torch.randn(SHAPE)
+    host_pool = torch.zeros(SHAPE[:2] + (6,) + SHAPE[3:])
+    client = CacheTransferClient("127.0.0.1", 0, num_ranks=1)
+    server = CacheTransferServer(0, client.address, device_pool, host_pool)
+    try:
+        assert server.swap is block_copy.swap_blocks_ref
+        client.wait_connected(10)
+        client.send(TransferTask(1, SWAP_OUT, [5, 2], [0, 3]))
+        [done] = client.poll({1}, timeout_s=10)
+        assert done.ok and done.num_bytes == 2 * server.block_bytes
+        server.wait([1], timeout_s=10)  # a swap-out is what a step waits for
+        assert torch.equal(host_pool[:, :, [0, 3]], device_pool[:, :, [5, 2]])
+        client.send(TransferTask(2, SWAP_IN, [7, 6], [0, 3]))
+        [done] = client.poll({2}, timeout_s=10)
+        assert done.ok
+        assert torch.equal(device_pool[:, :, [7, 6]], device_pool[:, :, [5, 2]])
+    finally:
+        server.stop()
+        client.close()
