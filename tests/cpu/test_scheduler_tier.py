@@ -103,15 +103,15 @@ def run_preempting(mode: str) -> tuple[Scheduler, int]:
 
 def test_swap_preemption_brings_blocks_back_from_the_cpu_tier():
     sched, swapped_in = run_preempting("swap")
-    st_ = sched.stats
-    assert st_.num_preemptions == st_.num_swap_preemptions > 0 and st_.num_recompute_preemptions == 0
+    m = sched.metrics.snapshot()
+    assert m["num_preemptions"] == m["num_preemptions_swap"] > 0 and m["num_preemptions_recompute"] == 0
     assert swapped_in > 0  # the preempted sequence came back with a CPU-tier hit
 
 
 def test_recompute_preemption_keeps_blocks_off_the_cpu_tier():
     sched, swapped_in = run_preempting("recompute")
-    st_ = sched.stats
-    assert st_.num_preemptions == st_.num_recompute_preemptions > 0 and st_.num_swap_preemptions == 0
+    m = sched.metrics.snapshot()
+    assert m["num_preemptions"] == m["num_preemptions_recompute"] > 0 and m["num_preemptions_swap"] == 0
     # The prompts are distinct and never reused: only a preempted sequence's own
     # blocks could come back from the CPU tier, and recompute never demotes them.
     assert swapped_in == 0
@@ -197,7 +197,8 @@ class SchedulerTierMachine(RuleBasedStateMachine):
         # a swap-in in flight has a sequence waiting for it, or one that finished meanwhile
         assert all(t.seq.status == SeqStatus.SWAPPING_IN or t.seq.is_finished for t in self.pending)
         assert kv.has_inflight_transfers or not self.pending
-        assert (s.stats.num_recompute_preemptions if s.swap_preempted else s.stats.num_swap_preemptions) == 0
+        other = "num_preemptions_recompute" if s.swap_preempted else "num_preemptions_swap"
+        assert s.metrics.snapshot()[other] == 0
         assert self.index.apply(self.log.drain()) and self.index.tiers == tree_tiers(kv)
 
     def teardown(self):
