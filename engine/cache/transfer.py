@@ -23,7 +23,7 @@ import zmq
 
 from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
 from radixserve.engine.executor import wire
-from radixserve.engine.executor.net import bind_router
+from radixserve.engine.executor.net import bind_router, close_on_collect
 from radixserve.engine.executor.protocol import (
     TO_CLIENT,
     TO_SERVER,
@@ -56,6 +56,7 @@ class CacheTransferClient:
     def __init__(self, host: str, port: int, num_ranks: int):
         self.ctx = zmq.Context()
         self.sock, self.port = bind_router(self.ctx, host, port)
+        close_on_collect(self, self.sock, self.ctx)
         self.address = f"tcp://{host}:{self.port}"
         self.num_ranks = num_ranks
         self._acks: dict[int, list[TransferAck]] = defaultdict(list)

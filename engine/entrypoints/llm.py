@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,8 @@ class LLM:
 
     def __init__(self, model: str = ModelConfig.model, **kwargs: Any):
         self.engine = LLMEngine(engine_config(model, **kwargs))
+        # An LLM dropped without shutdown() still stops its workers and closes its ports.
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -153,7 +156,7 @@ class LLM:
         return [done[rid] for rid in order]
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self._finalizer()  # runs engine.shutdown once, here or when this LLM is collected
 
     def __enter__(self) -> LLM:
         return self

@@ -21,7 +21,7 @@ from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.base import Executor, WorkerFailure
 from radixserve.engine.executor.launcher import ProcessLauncher, WorkerHandle, WorkerLauncher
-from radixserve.engine.executor.net import bind_router, free_tcp_port
+from radixserve.engine.executor.net import bind_router, close_on_collect, free_tcp_port
 from radixserve.engine.executor.protocol import WORKER_TO_ENGINE, InitCache, WorkerArgs, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class MultiprocExecutor(Executor):
         self.ctx = zmq.Context()
         host = config.parallel.host
         self.sock, self.port = bind_router(self.ctx, host, config.parallel.engine_worker_queue_port)
+        close_on_collect(self, self.sock, self.ctx)
         self.address = f"tcp://{host}:{self.port}"
         self.handles: list[WorkerHandle] = []
         self.healthy = False
