@@ -134,3 +134,20 @@ def load_arch_config(model_dir: str | Path) -> ArchConfig:
         if str(exc).startswith(str(path)):
             raise
         raise ValueError(f"{path}: {exc}") from exc
+
+
+# generation_config.json fields that become a request's defaults (vLLM's --generation-config auto).
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """SamplingParams defaults the model ships in generation_config.json (empty when it has none).
+
+    Only the fields a request leaves unset take these, as in vLLM; an explicit value always wins.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    cfg = _read_json(path)
+    return {ours: cfg[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if cfg.get(theirs) is not None}
