@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radixserve.engine.config import EngineConfig
 from radixserve.engine.sampling_params import SamplingParams
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n",
@@ -145,11 +146,12 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
     from radixserve.engine.tokenizer import Tokenizer
     in_path, out_path = Path(args.input), Path(args.output)
     done = read_done(out_path)
-    model_dir = resolve_model(engine_kwargs["model"], engine_kwargs.get("cache_dir"))
+    engine = EngineConfig.from_flat(**engine_kwargs)  # a bad flag fails before Ray starts
+    model_dir = resolve_model(engine.model.model, engine.model.cache_dir)
     tokenizer = Tokenizer(model_dir)
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     rows = load_rows(in_path, tokenizer, defaults, done)
-    shards = shard_by_prefix(rows, args.num_engines, engine_kwargs.get("block_size", 16))
+    shards = shard_by_prefix(rows, args.num_engines, engine.cache.block_size)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS")
                  else max(2, args.num_engines), include_dashboard=False)
@@ -178,9 +180,6 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
             prompt_tokens += row["prompt_tokens"]
             cached += row["num_cached_tokens"]
             bar.update(1)
-            if args.stop_after and written >= args.stop_after:  # test hook: an interruption
-                os.fsync(out.fileno())
-                os._exit(3)
         os.fsync(out.fileno())
     hit_rate = cached / prompt_tokens if prompt_tokens else 0.0
     report = {"rows_written": written, "rows_skipped": len(done) - written, "prompt_tokens": prompt_tokens,
@@ -198,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-engine", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
     add_engine_flags(p)
     args = p.parse_args(argv)
     kwargs = {"model": args.model, **engine_kwargs(args)}

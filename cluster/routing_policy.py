@@ -32,27 +32,34 @@ No useful hit (best hit below ``min_hit_fraction`` of the prompt): rendezvous
 hashing over the first ``rendezvous_blocks`` block hashes among the
 candidates, so repeats of a new prefix converge on one replica.
 
-Every parameter and its default is in ``RouterConfig``.
+Every parameter and its default is in ``RouterConfig``; block_size and
+step_tokens are the engine's (``RouterConfig.for_engine``).
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 from dataclasses import dataclass
+from typing import Any
+
+from radixserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
 POLICIES = ("prefix_affinity", "round_robin", "pow2", "consistent_hash")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RouterConfig:
+    """The policy's knobs. ``block_size`` and ``step_tokens`` are the replicas'
+    engine settings, not the router's own: build it with :meth:`for_engine`."""
+
     policy: str = "prefix_affinity"
-    block_size: int = 16
+    block_size: int = CacheConfig.block_size  # tokens per cached block, as the engine hashes them
     cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
     load_epsilon: float = 0.25       # in-flight bound: (1 + eps) * mean + 1
     min_hit_fraction: float = 0.1    # below this, a hit is not worth breaking rendezvous
     rendezvous_blocks: int = 4       # prefix blocks that key rendezvous hashing
     per_request_tokens: int = 16     # queued work of an in-flight request beyond its uncached prompt
-    step_tokens: int = 2048          # the replicas' per-step token budget (max_num_batched_tokens)
+    step_tokens: int = SchedulerConfig.max_num_batched_tokens  # the replicas' per-step token budget
     adapter_load_tokens: int = 256   # cost of loading a LoRA adapter into a replica's device slot
     sync_interval_s: float = 0.05    # how often the router pulls metadata deltas
 
@@ -65,6 +72,17 @@ class RouterConfig:
             raise ValueError(f"load_epsilon must be >= 0, got {self.load_epsilon}")
         if self.sync_interval_s <= 0:
             raise ValueError(f"sync_interval_s must be > 0, got {self.sync_interval_s}")
+
+    @classmethod
+    def for_engine(cls, engine: EngineConfig, **overrides: Any) -> RouterConfig:
+        """The router in front of replicas running ``engine``: it counts hits in the
+        engine's blocks and queued work against the engine's step budget."""
+        derived = {"block_size": engine.cache.block_size, "step_tokens": engine.scheduler.max_num_batched_tokens}
+        clash = sorted(set(overrides) & set(derived))
+        if clash:
+            raise ValueError(f"router {clash} come from the engine config "
+                             "(block_size, max_num_batched_tokens); set them there")
+        return cls(**derived, **overrides)
 
 
 @dataclass(frozen=True)

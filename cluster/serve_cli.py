@@ -24,19 +24,22 @@ def _api_keys(values: list[str] | None) -> dict[str, str] | None:
 
 
 def add_serve_parser(sub, add_engine_flags) -> None:
+    from radixserve.cluster.config import ClusterConfig  # ray-free: --help stays fast
+    from radixserve.cluster.routing_policy import POLICIES
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
     add_engine_flags(s)
-    s.add_argument("--num-replicas", type=int, default=1)
-    s.add_argument("--router", default="prefix_affinity",
-                   help="prefix_affinity (default) | round_robin | pow2 | consistent_hash")
+    s.add_argument("--num-replicas", type=int, default=ClusterConfig.num_replicas)
+    s.add_argument("--router", default=ClusterConfig.router, choices=POLICIES,
+                   help=f"replica choice (default: {ClusterConfig.router})")
     s.add_argument("--api-key", action="append", default=None,
                    help="require this key (repeatable; KEY=TENANT gives the key its own cache namespace)")
-    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--served-model-name", default=ClusterConfig.served_model_name)
     s.add_argument("--http-host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start a local one)")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
-    s.add_argument("--replica-cpus", type=float, default=0.5)
+    s.add_argument("--replica-cpus", type=float, default=ClusterConfig.replica_cpus,
+                   help=f"CPUs per replica and per TP worker (default: {ClusterConfig.replica_cpus})")
     s.add_argument("--app-name", default="radixserve")
     s.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running")
     s.set_defaults(fn=cmd_serve)
@@ -47,7 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from radixserve.cli import engine_kwargs
-    from radixserve.cluster.app import ClusterConfig, build_application
+    from radixserve.cluster.app import build_application
+    from radixserve.cluster.config import ClusterConfig
     cfg = ClusterConfig(model=args.model, num_replicas=args.num_replicas, router=args.router,
                         api_keys=_api_keys(args.api_key), served_model_name=args.served_model_name,
                         replica_cpus=args.replica_cpus, engine=engine_kwargs(args))

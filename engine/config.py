@@ -2,10 +2,21 @@
 
 Each dataclass checks itself in ``__post_init__`` so a bad value fails at
 construction with a message naming the field, not deep inside a step.
+
+These dataclasses are the one place a default is written. Every field of a
+section (ModelConfig, CacheConfig, ...) and EngineConfig's own plain fields is
+also a flat keyword of the same name: ``LLM(...)``/``engine_config(...)``,
+the CLI's engine flags (``--block-size``; help text from the field's
+metadata) and the keys of a Serve config's ``args`` are all derived from
+:func:`engine_flags`, and :meth:`EngineConfig.from_flat` builds the config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from radixserve.engine.lora.request import LoRARequest
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -13,7 +24,12 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-@dataclass(frozen=True)
+def knob(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A config field: its default and the help text the CLI shows for it."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which model to load and how.
 
@@ -22,11 +38,11 @@ class ModelConfig:
     model's ``max_position_embeddings``.
     """
 
-    model: str = "tiny-llama"
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    max_model_len: int | None = None
-    seed: int = 0  # engine-wide sampling seed for requests without their own
-    cache_dir: str | None = None  # where embedded models are generated
+    model: str = knob("tiny-llama", "embedded model name (tiny-llama, small-llama) or a Hugging Face directory")
+    dtype: str = knob("auto", "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    max_model_len: int | None = knob(None, "longest prompt + output in tokens (default: the model's maximum)")
+    seed: int = knob(0, "engine-wide sampling seed for requests without their own")
+    cache_dir: str | None = knob(None, "where embedded models are generated (default: the user cache directory)")
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must be a model name or a directory path")
@@ -36,17 +52,17 @@ class ModelConfig:
                  f"max_model_len must be >= 1, got {self.max_model_len}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """KV cache layout and sizing (per tensor-parallel rank)."""
 
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    num_gpu_blocks: int | None = None  # explicit size of the device pool; wins over the others
-    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory the engine may use
-    kv_cache_gib: float | None = None  # explicit device-pool size in GiB (CPU default: 2 GiB)
-    swap_space: float = 0.0  # GiB of host memory per rank for the CPU tier (0 = no CPU tier)
-    num_cpu_blocks: int | None = None  # explicit CPU-tier size; wins over swap_space
+    block_size: int = knob(16, "tokens per KV-cache block (a power of two from 1 to 128)")
+    enable_prefix_caching: bool = knob(True, "reuse cached KV blocks of shared prompt prefixes")
+    num_gpu_blocks: int | None = knob(None, "explicit size of the device pool in blocks; wins over the others (default: automatic)")
+    gpu_memory_utilization: float = knob(0.9, "CUDA: fraction of device memory the engine may use")
+    kv_cache_gib: float | None = knob(None, "explicit device-pool size in GiB (default: automatic; 2 GiB on CPU)")
+    swap_space: float = knob(0.0, "GiB of host memory per rank for the CPU tier of the KV cache (0 = no CPU tier)")
+    num_cpu_blocks: int | None = knob(None, "explicit CPU-tier size in blocks; wins over swap_space (default: from swap_space)")
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
@@ -62,14 +78,14 @@ class CacheConfig:
                  f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
     """Continuous batching limits."""
 
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048  # token budget of one step
-    enable_chunked_prefill: bool = True
-    preemption_mode: str = "auto"  # auto: swap when a CPU tier exists, else recompute
+    max_num_seqs: int = knob(32, "most sequences in one step")
+    max_num_batched_tokens: int = knob(2048, "token budget of one step")
+    enable_chunked_prefill: bool = knob(True, "split a long prompt's prefill over several steps")
+    preemption_mode: str = knob("auto", "auto | recompute | swap (auto: swap when a CPU tier exists, else recompute)")
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -79,15 +95,15 @@ class SchedulerConfig:
                  f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     """Tensor parallelism and the ports the workers are driven over."""
 
-    tensor_parallel_size: int = 1
-    engine_worker_queue_port: int = 8002
-    cache_queue_port: int = 8003
-    host: str = "127.0.0.1"
-    worker_timeout_s: float = 60.0  # a step slower than this marks the workers dead
+    tensor_parallel_size: int = knob(1, "tensor-parallel ranks (worker processes) per engine")
+    engine_worker_queue_port: int = knob(8002, "port the engine drives its workers over (0 = any free one)")
+    cache_queue_port: int = knob(8003, "port of the workers' cache-transfer queue (0 = any free one)")
+    host: str = knob("127.0.0.1", "address the worker queues bind to")
+    worker_timeout_s: float = knob(60.0, "a step slower than this (seconds) marks the workers dead")
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1,
@@ -98,7 +114,7 @@ class ParallelConfig:
         _require(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
     """Multi-LoRA serving (PEFT adapters on q/k/v/o/gate/up/down).
 
@@ -109,11 +125,13 @@ class LoRAConfig:
     (name, path) pairs loaded at startup.
     """
 
-    enable_lora: bool = False
-    max_loras: int = 4
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
-    lora_modules: tuple[tuple[str, str], ...] = ()
+    enable_lora: bool = knob(False, "serve LoRA adapters")
+    max_loras: int = knob(4, "adapters resident in device slots at once")
+    max_lora_rank: int = knob(16, "largest adapter rank a slot holds")
+    max_cpu_loras: int | None = knob(None, "adapters kept in host memory per worker (default: 2 * max_loras)")
+    lora_modules: tuple[tuple[str, str], ...] = knob(
+        (), "LoRA adapters (PEFT directories) to load at startup, as name=path; needs enable_lora",
+        metavar="NAME=PATH")
 
     def __post_init__(self) -> None:
         _require(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
@@ -131,18 +149,96 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else 2 * self.max_loras
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    device: str = "auto"  # auto: cuda if available, else cpu
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    device: str = knob("auto", "auto | cpu | cuda[:N] (auto: cuda if available, else cpu)")
+    attention_backend: str = knob("auto", "auto | torch | triton (auto: triton on CUDA, torch elsewhere)")
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _require(self.attention_backend in ("auto", "torch", "triton"),
                  f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+
+    @classmethod
+    def from_flat(cls, **kwargs: Any) -> EngineConfig:
+        """Flat keywords (``LLM(...)``, CLI flags, Serve args) -> EngineConfig.
+
+        Each keyword is the field of the same name in one section; a name no
+        section has is a TypeError, as for any function.
+        """
+        flags = engine_flags()
+        unknown = sorted(set(kwargs) - set(flags))
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; the options are {sorted(flags)}")
+        if "lora_modules" in kwargs:
+            kwargs["lora_modules"] = parse_lora_modules(kwargs["lora_modules"])
+        by_section: dict[str | None, dict[str, Any]] = {}
+        for name, value in kwargs.items():
+            by_section.setdefault(flags[name].section, {})[name] = value
+        sections = {name: section(**by_section.get(name, {})) for name, section in _sections().items()}
+        return cls(**sections, **by_section.get(None, {}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineFlag:
+    """One flat engine keyword: where it lives and what the CLI shows for it."""
+
+    name: str
+    section: str | None  # the EngineConfig field holding it; None: EngineConfig's own field
+    default: Any
+    type: Any  # the resolved annotation, e.g. int | None
+    help: str
+    metavar: str | None = None
+
+
+def _sections() -> dict[str, type]:
+    """EngineConfig's nested config dataclasses, by field name."""
+    hints = typing.get_type_hints(EngineConfig)
+    return {f.name: hints[f.name] for f in fields(EngineConfig) if is_dataclass(hints[f.name])}
+
+
+def engine_flags() -> dict[str, EngineFlag]:
+    """Every flat engine keyword, in declaration order (model first)."""
+    sections = _sections()
+    owners: list[tuple[str | None, type]] = [*sections.items(), (None, EngineConfig)]
+    out: dict[str, EngineFlag] = {}
+    for section, cls in owners:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if section is None and f.name in sections:
+                continue
+            assert f.name not in out, f"engine option {f.name!r} is declared twice"
+            assert f.default is not MISSING, f"{cls.__name__}.{f.name} needs a default"
+            out[f.name] = EngineFlag(name=f.name, section=section, default=f.default, type=hints[f.name],
+                                     help=f.metadata.get("help", ""), metavar=f.metadata.get("metavar"))
+    return out
+
+
+def parse_lora_modules(spec: Any) -> tuple[tuple[str, str], ...]:
+    """``--lora-modules name=path ...`` and friends -> ((name, path), ...).
+
+    Accepts ``["name=path", ...]``, ``{name: path}``, or a list of (name, path)
+    pairs / LoRARequests.
+    """
+    if not spec:
+        return ()
+    items = spec.items() if isinstance(spec, dict) else [spec] if isinstance(spec, (str, LoRARequest)) else spec
+    out = []
+    for item in items:
+        if isinstance(item, LoRARequest):
+            out.append((item.lora_name, item.lora_path))
+        elif isinstance(item, str):
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules: expected name=path, got {item!r}")
+            out.append((name, path))
+        else:
+            name, path = item
+            out.append((str(name), str(path)))
+    return tuple(out)

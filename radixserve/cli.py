@@ -1,22 +1,17 @@
 """``radixserve`` command line: generate | chat | serve | bench.
 
-Engine flags are the keyword arguments of ``radixserve.engine.entrypoints.llm.engine_config`` with
-dashes, so the CLI and ``LLM(...)`` always agree. Heavy imports (ray, the
+Engine flags are the fields of the config dataclasses in ``radixserve.engine.config`` with
+dashes (the keywords of ``LLM(...)``), so the CLI and ``LLM(...)`` always agree. Heavy imports (ray, the
 engine) happen inside the subcommands to keep ``--help`` fast.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
-
-# Flags that are not engine_config kwargs: handled by the subcommands themselves.
-_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-                   "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "n",
-                   "ignore_eos", "logprobs")
 
 
 def _bool(text: str) -> bool:
@@ -27,33 +22,32 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _flag_kind(tp: Any) -> tuple[Any, str | None]:
+    """A config field's annotation -> (argparse type, nargs)."""
+    if typing.get_origin(tp) is tuple:
+        return str, "+"  # lora_modules: name=path strings; the config parses them
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    tp = args[0] if args else tp  # X | None parses as X
+    return (_bool if tp is bool else tp), None
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per engine_config keyword, typed from its default."""
-    from radixserve.engine.entrypoints.llm import engine_config
-    sig = inspect.signature(engine_config)
-    p.add_argument("--model", default="tiny-llama",
-                   help="embedded model name (tiny-llama, small-llama) or a Hugging Face directory")
-    for name, param in sig.parameters.items():
-        if name == "model":
-            continue
-        default = param.default
-        flag = "--" + name.replace("_", "-")
-        if name == "lora_modules":
-            p.add_argument(flag, nargs="+", default=None, metavar="NAME=PATH",
-                           help="LoRA adapters (PEFT directories) to load at startup; needs --enable-lora true")
-        elif isinstance(default, bool):
-            p.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=f"default {default}")
-        elif default is None:
-            kind = float if "gib" in name or "space" in name else (str if name in ("cache_dir",) else int)
-            p.add_argument(flag, type=kind, default=None, help="default: automatic")
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=f"default {default}")
+    """One flag per engine config field (``block_size`` -> ``--block-size``): type, default and
+    help all come from the dataclasses in radixserve/engine/config.py."""
+    from radixserve.engine.config import engine_flags
+    for f in engine_flags().values():
+        kind, nargs = _flag_kind(f.type)
+        metavar = f.metavar or ("BOOL" if kind is _bool else None)
+        shown = "" if f.default in (None, ()) else f" (default: {f.default})"  # help says what unset means
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs=nargs, default=f.default,
+                       metavar=metavar, help=f.help + shown)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from radixserve.engine.entrypoints.llm import engine_config
-    names = [n for n in inspect.signature(engine_config).parameters if n != "model"]
-    return {n: getattr(args, n) for n in names}
+    """The engine flags of parsed ``args`` as engine_config keywords, less ``model``
+    (which the callers pass on its own)."""
+    from radixserve.engine.config import engine_flags
+    return {n: getattr(args, n) for n in engine_flags() if n != "model"}
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from radixserve.engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from radixserve.engine.config import EngineConfig, ModelConfig
+from radixserve.engine.config import parse_lora_modules as parse_lora_modules  # re-exported: the flat API's helper
 from radixserve.engine.core.llm_engine import LLMEngine
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.lora.request import LoRARequest
@@ -16,53 +17,16 @@ from radixserve.engine.sampling_params import SamplingParams
 PromptType = str | list[int] | dict[str, Any]
 
 
-def engine_config(model: str = "tiny-llama", *, tensor_parallel_size: int = 1,
-                  enable_prefix_caching: bool = True, swap_space: float = 0.0, block_size: int = 16,
-                  max_num_seqs: int = 32, max_model_len: int | None = None,
-                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
-                  gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
-                  kv_cache_gib: float | None = None, num_cpu_blocks: int | None = None,
-                  preemption_mode: str = "auto", dtype: str = "auto", device: str = "auto",
-                  seed: int = 0, attention_backend: str = "auto", cache_dir: str | None = None,
-                  engine_worker_queue_port: int = 8002, cache_queue_port: int = 8003,
-                  host: str = "127.0.0.1", worker_timeout_s: float = 60.0,
-                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
-                  max_cpu_loras: int | None = None, lora_modules: Any = None) -> EngineConfig:
+def engine_config(model: str = ModelConfig.model, **kwargs: Any) -> EngineConfig:
     """Flat keyword arguments (the CLI flags and LLM(...) kwargs) -> EngineConfig.
 
+    The keywords are the fields of the dataclasses in ``radixserve.engine.config``
+    (``engine_flags()`` lists them with their defaults): ``block_size``,
+    ``max_num_batched_tokens``, ``tensor_parallel_size``, ``swap_space``, ...
     ``lora_modules``: adapters to load at startup, as ``["name=path", ...]``,
     ``{name: path}`` or a list of (name, path) pairs / LoRARequests.
     """
-    return EngineConfig(
-        model=ModelConfig(model, dtype, max_model_len, seed, cache_dir),
-        cache=CacheConfig(block_size, enable_prefix_caching, num_gpu_blocks, gpu_memory_utilization,
-                          kv_cache_gib, swap_space, num_cpu_blocks),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
-                                  preemption_mode),
-        parallel=ParallelConfig(tensor_parallel_size, engine_worker_queue_port, cache_queue_port,
-                                host, worker_timeout_s),
-        lora=LoRAConfig(enable_lora, max_loras, max_lora_rank, max_cpu_loras, parse_lora_modules(lora_modules)),
-        device=device, attention_backend=attention_backend)
-
-
-def parse_lora_modules(spec: Any) -> tuple[tuple[str, str], ...]:
-    """``--lora-modules name=path ...`` and friends -> ((name, path), ...)."""
-    if not spec:
-        return ()
-    items = spec.items() if isinstance(spec, dict) else [spec] if isinstance(spec, (str, LoRARequest)) else spec
-    out = []
-    for item in items:
-        if isinstance(item, LoRARequest):
-            out.append((item.lora_name, item.lora_path))
-        elif isinstance(item, str):
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"lora_modules: expected name=path, got {item!r}")
-            out.append((name, path))
-        else:
-            name, path = item
-            out.append((str(name), str(path)))
-    return tuple(out)
+    return EngineConfig.from_flat(model=model, **kwargs)
 
 
 class LLM:
@@ -73,7 +37,7 @@ class LLM:
     >>> out[0].outputs[0].text
     """
 
-    def __init__(self, model: str = "tiny-llama", **kwargs: Any):
+    def __init__(self, model: str = ModelConfig.model, **kwargs: Any):
         self.engine = LLMEngine(engine_config(model, **kwargs))
         self._ids = itertools.count()
 

@@ -1,9 +1,10 @@
-"""The batch job: prefix-grouped shards over Ray actors, interrupted and resumed."""
+"""The batch job: prefix-grouped shards over Ray actors, killed mid-run and resumed."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 
 from radixserve.cluster.batch import Row, shard_by_prefix
 from radixserve.engine import LLM, SamplingParams
@@ -14,17 +15,40 @@ PREFIXES = ["Summarize the following policy for a new employee in two sentences.
             "Classify the sentiment of this product review as positive or negative. " * 2]
 
 
+QUICK, SLOW = 6, 200  # max_tokens: rows 0-5 finish long before the others
+
+
 def write_input(path, n=18):
-    rows = [{"id": f"row-{i}", "prompt": PREFIXES[i % 3] + f"Item number {i}."} for i in range(n)]
+    rows = [{"id": f"row-{i}", "prompt": PREFIXES[i % 3] + f"Item number {i}.", "ignore_eos": True,
+             "max_tokens": QUICK if i < 6 else SLOW} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def run_batch(inp, out, cache, *extra):
-    cmd = [sys.executable, "-m", "radixserve.cluster.batch", str(inp), str(out), "--model", "tiny-llama",
-           "--cache-dir", cache, "--num-engines", "2", "--cpus-per-engine", "0.5", "--max-tokens", "6",
-           *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def batch_cmd(inp, out, cache):
+    return [sys.executable, "-m", "radixserve.cluster.batch", str(inp), str(out), "--model", "tiny-llama",
+            "--cache-dir", cache, "--num-engines", "2", "--cpus-per-engine", "0.5"]
+
+
+def complete_rows(out) -> list[dict]:
+    text = out.read_text() if out.exists() else ""
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def kill_after_rows(cmd, out, n: int, timeout_s: float = 300.0) -> None:
+    """Run the batch job and SIGKILL it (that PID only) once ``n`` rows are written."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(complete_rows(out)) < n:
+            assert proc.poll() is None, f"batch job ended early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "batch job wrote too few rows in time"
+            time.sleep(0.02)
+        assert proc.poll() is None, "batch job finished before it could be interrupted"
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stderr.close()
 
 
 def test_interrupted_job_resumes_without_loss_or_duplicates(tmp_path):
@@ -32,19 +56,20 @@ def test_interrupted_job_resumes_without_loss_or_duplicates(tmp_path):
     model_dir = resolve_model("tiny-llama", cache)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     rows = write_input(inp)
-    first = run_batch(inp, out, cache, "--stop-after", "5")
-    assert first.returncode == 3, first.stderr[-2000:]  # killed itself after 5 rows
-    assert len(out.read_text().splitlines()) == 5
+    kill_after_rows(batch_cmd(inp, out, cache), out, 6)  # the quick rows are in; the slow ones are not
+    first = {r["id"] for r in complete_rows(out)}
+    assert first == {f"row-{i}" for i in range(6)}
     with out.open("a") as f:
         f.write('{"id": "row-torn", "te')  # a write torn by the crash
-    second = run_batch(inp, out, cache)
+    second = subprocess.run(batch_cmd(inp, out, cache), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     report = json.loads(second.stdout.strip().splitlines()[-1])
-    assert report["rows_written"] == len(rows) - 5 and report["prefix_hit_rate"] > 0.3
+    assert report["rows_written"] == len(rows) - len(first) and report["prefix_hit_rate"] > 0.3
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows)  # each exactly once
     llm = LLM(str(model_dir))
-    ref = llm.generate([r["prompt"] for r in rows], SamplingParams(temperature=0, max_tokens=6))
+    ref = llm.generate([r["prompt"] for r in rows],
+                       [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True) for r in rows])
     by_id = {r["id"]: r for r in got}
     for row, expect in zip(rows, ref):
         assert by_id[row["id"]]["token_ids"] == expect.outputs[0].token_ids

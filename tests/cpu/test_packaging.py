@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"radixserve": "radixserve", "engine": "radixserve.engine", "kernels": "radixserve.kernels",

@@ -1,0 +1,57 @@
+"""ClusterConfig: what one Serve deployment of radixserve is built from.
+
+Ray-free, so ``radixserve serve --help`` and config checks stay light. A Serve
+config's ``args`` (ray_configs/serve.yaml) are ClusterConfig's fields plus any
+engine option (``radixserve.engine.config.engine_flags()``: block_size,
+tensor_parallel_size, ...), whose defaults live in the engine's dataclasses.
+The router's block size and step budget are not options of their own: they
+are the engine's (:meth:`ClusterConfig.router_config`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from radixserve.cluster.routing_policy import POLICIES, RouterConfig
+from radixserve.engine.config import EngineConfig, ModelConfig, engine_flags
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    model: str = ModelConfig.model
+    num_replicas: int = 1
+    router: str = "prefix_affinity"
+    api_keys: dict[str, str] | None = None  # API key -> tenant; None = open
+    served_model_name: str | None = None
+    max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
+    autoscaling: dict | None = None  # Serve autoscaling_config (then num_replicas is ignored)
+    replica_cpus: float = 0.5  # CPU resources per bundle (replica and each TP worker)
+    use_gpu: bool | None = None  # None: use GPUs when the node has them
+    router_kwargs: dict = field(default_factory=dict)  # RouterConfig overrides (not block_size/step_tokens)
+    engine: dict = field(default_factory=dict)  # engine options (engine_flags()) other than model
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.router not in POLICIES:
+            raise ValueError(f"router must be one of {', '.join(POLICIES)}, got {self.router!r}")
+        self.router_config()  # validates the engine options too: fail here, not on a replica
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig.from_flat(model=self.model, **self.engine)
+
+    def router_config(self) -> RouterConfig:
+        """The router hashes and counts in the engine's blocks and step budget."""
+        return RouterConfig.for_engine(self.engine_config(), policy=self.router, **self.router_kwargs)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ClusterConfig:
+        """Split a flat dict into cluster fields and engine options; unknown keys are an error."""
+        own = {f.name for f in fields(cls)}
+        engine_keys = set(engine_flags()) - {"model"}
+        unknown = set(args) - own - engine_keys
+        if unknown:
+            raise ValueError(f"unknown serve arguments: {sorted(unknown)}")
+        mine = {k: v for k, v in args.items() if k in own}
+        engine = {**mine.pop("engine", {}), **{k: v for k, v in args.items() if k in engine_keys}}
+        return cls(**mine, engine=engine)
