@@ -48,7 +48,7 @@ def build_application(cfg: ClusterConfig):
         name="OpenAIIngress", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1000)
     lora_rank = engine.lora.max_lora_rank if engine.lora.enable_lora else None
-    return ingress.bind(llm, cfg.model, engine.model.cache_dir, server, lora_rank)
+    return ingress.bind(llm, asdict(engine.model), server, lora_rank)
 
 
 def build_app(args: dict[str, Any]):

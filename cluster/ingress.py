@@ -22,13 +22,14 @@ from radixserve.cluster.metadata import get_metadata_actor
 from radixserve.cluster.openai_api.app import ServerConfig, build_app
 from radixserve.cluster.replica_wire import GenerateRequest, decode_item, encode_request
 from radixserve.engine.cache.hashing import prompt_block_hashes
+from radixserve.engine.config import ModelConfig
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.lora.adapter import read_adapter
 from radixserve.engine.lora.manager import adapter_namespace
 from radixserve.engine.model.default_models import resolve_model
-from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.model.hf_config import generation_defaults, load_arch_config
 from radixserve.engine.sampling_params import SamplingParams
-from radixserve.engine.tokenizer import Tokenizer
+from radixserve.engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 _RETRIES = 3  # attempts for a request whose replica vanished before answering
@@ -67,9 +68,10 @@ class ClusterStream(GenerationStream):
 
 class ClusterBackend(Backend):
     def __init__(self, handle, info: dict, tokenizer: Tokenizer, model_name: str,
-                 lora_reader=None):
+                 lora_reader=None, default_sampling: dict | None = None):
         """``lora_reader(path)`` validates an adapter directory and returns its
         content hash (None: the replicas serve no LoRA)."""
+        self._default_sampling = dict(default_sampling or {})
         self._handle = handle.options(stream=True)
         self._info = info
         self._tokenizer = tokenizer
@@ -83,6 +85,10 @@ class ClusterBackend(Backend):
     @property
     def tokenizer(self) -> Tokenizer:
         return self._tokenizer
+
+    @property
+    def default_sampling(self) -> dict:
+        return self._default_sampling
 
     @property
     def max_model_len(self) -> int:
@@ -195,19 +201,21 @@ def _label(text: str, label: str) -> str:
 
 @serve.ingress()
 class OpenAIIngress:
-    async def __init__(self, llm_handle, model: str, cache_dir: str | None = None,
-                       server: dict | None = None, max_lora_rank: int | None = None):
-        """``max_lora_rank`` set: the replicas serve LoRA adapters (validated here first)."""
-        model_dir = resolve_model(model, cache_dir)
-        self.tokenizer = Tokenizer(model_dir)
+    async def __init__(self, llm_handle, model: dict, server: dict | None = None,
+                       max_lora_rank: int | None = None):
+        """``model``: the engine's ModelConfig fields, so the ingress tokenizes exactly as the
+        replicas do; ``max_lora_rank`` set: the replicas serve LoRA adapters (validated here first)."""
+        mcfg = ModelConfig(**model)
+        model_dir = resolve_model(mcfg.model, mcfg.cache_dir, mcfg.revision)
+        self.tokenizer = load_tokenizer(mcfg, model_dir)
         info = await llm_handle.get_info.remote()
         self.config = ServerConfig(**(server or {}))
-        name = self.config.served_model_name or model
         reader = None
         if max_lora_rank is not None:
             arch = load_arch_config(model_dir)
             reader = lambda path: read_adapter(path, arch, max_lora_rank).content_hash  # noqa: E731
-        self.backend = ClusterBackend(llm_handle, info, self.tokenizer, name, reader)
+        self.backend = ClusterBackend(llm_handle, info, self.tokenizer, mcfg.model, reader,
+                                      generation_defaults(model_dir, mcfg.generation_config))
 
     def __serve_build_asgi_app__(self):
         return build_app(self.backend, self.config)

@@ -14,12 +14,15 @@ import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.sandbox
 from jinja2.ext import Extension
 from tokenizers import Tokenizer as HFTokenizer
+
+if TYPE_CHECKING:
+    from radixserve.engine.config import ModelConfig
 
 
 def _token_content(value: Any) -> str | None:
@@ -160,3 +163,13 @@ class Tokenizer:
         # The template already wrote BOS, so the post-processor must not add another.
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(cfg: ModelConfig, model_dir: Path) -> Tokenizer:
+    """The tokenizer a ModelConfig asks for: the model's own or ``cfg.tokenizer``, with its
+    chat template override, and EOS ids from both tokenizer and model config."""
+    from radixserve.engine.model.default_models import resolve_model
+    from radixserve.engine.model.hf_config import load_arch_config
+    tok_dir = resolve_model(cfg.tokenizer, cfg.cache_dir, cfg.revision) if cfg.tokenizer else model_dir
+    eos = list(load_arch_config(model_dir).eos_token_ids)
+    return Tokenizer(tok_dir, extra_eos_token_ids=eos, chat_template=cfg.chat_template)

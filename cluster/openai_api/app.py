@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from fastapi import Depends, FastAPI, Request
@@ -74,7 +75,8 @@ _CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it
 class ServerConfig:
     """How the HTTP layer behaves; validated at construction.
 
-    served_model_name: the name clients use for the base model (None: the backend's model_name).
+    served_model_name: the name (or names, the first reported) clients use for the base
+        model (None: the backend's model_name), as vLLM's --served-model-name.
     api_keys: None for an open server, else API key -> tenant name; each tenant's
         requests hash their prompts in their own cache namespace.
     max_model_len: cap on prompt + completion tokens (None: the backend's; never above it).
@@ -84,7 +86,7 @@ class ServerConfig:
     disconnect_poll_s: how often a non-streaming request checks whether its client left.
     """
 
-    served_model_name: str | None = None
+    served_model_name: str | tuple[str, ...] | None = None
     api_keys: Mapping[str, str] | None = None
     max_model_len: int | None = None
     return_replica_header: bool = True
@@ -92,9 +94,13 @@ class ServerConfig:
     disconnect_poll_s: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
-                                                       and self.served_model_name.strip()):
-            raise ValueError(f"served_model_name must be a non-empty string, got {self.served_model_name!r}")
+        names = self.served_model_name
+        if isinstance(names, (list, tuple)):
+            object.__setattr__(self, "served_model_name", tuple(names) or None)
+            names = self.served_model_name
+        for name in (names,) if isinstance(names, str) else (names or ()):
+            if not (isinstance(name, str) and name.strip()):
+                raise ValueError(f"served_model_name must be non-empty strings, got {self.served_model_name!r}")
         if self.api_keys is not None:
             self._check_api_keys(self.api_keys)
             # A private copy, so the caller's dict can change without changing us; a
@@ -104,6 +110,11 @@ class ServerConfig:
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
         if not (isinstance(self.disconnect_poll_s, (int, float)) and 0 < self.disconnect_poll_s <= 10):
             raise ValueError(f"disconnect_poll_s must be in (0, 10], got {self.disconnect_poll_s!r}")
+
+    @staticmethod
+    def served_names(self) -> tuple[str, ...]:
+        names = self.served_model_name
+        return (names,) if isinstance(names, str) else (names or ())
 
     @staticmethod
     def _check_api_keys(keys: Mapping[str, str]) -> None:
@@ -209,15 +220,20 @@ async def tenant_of(request: Request) -> str | None:
     return tenant
 
 
+def _base_names(request: Request) -> tuple[str, ...]:
+    """Every name of the base model, the reported one first."""
+    return _config(request).served_names() or (_backend(request).model_name,)
+
+
 def _base_name(request: Request) -> str:
-    return _config(request).served_model_name or _backend(request).model_name
+    return _base_names(request)[0]
 
 
 def _resolve_model(request: Request, requested: str | None) -> tuple[str, str | None]:
     """(name to report, LoRA adapter or None); an unknown name is a 404."""
-    backend, base = _backend(request), _base_name(request)
-    if requested is None or requested in (base, backend.model_name):
-        return base, None
+    backend, names = _backend(request), _base_names(request)
+    if requested is None or requested in (*names, backend.model_name):
+        return names[0], None
     if requested in backend.model_names():
         return requested, requested
     raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
@@ -241,11 +257,12 @@ def _headers(request: Request, rid: str, replicas: list[str]) -> dict[str, str]:
     return headers
 
 
-def _encode_chat(tok: Tokenizer, messages: list[dict[str, str]],
-                 add_generation_prompt: bool) -> tuple[list[int], str]:
+def _encode_chat(tok: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool,
+                 template_kwargs: dict[str, Any] | None = None) -> tuple[list[int], str]:
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except (jinja2.TemplateError, ValueError) as exc:
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                       **(template_kwargs or {}))
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise RequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
     # The template wrote BOS itself, so the tokenizer must not add another.
     return tok.encode(text, add_special_tokens=False), text
@@ -260,9 +277,16 @@ def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
         if not ids or text == "":  # "" may still encode to a lone BOS
             raise RequestError("the prompt is empty", param="prompt")
         _check_vocab(tok, ids)
-        max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), limit, "prompt")
-        jobs.append(Job(ids, text, completion_sampling_params(body, max_tokens), f"{rid}-{i}", namespace, lora))
+        max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), limit, "prompt")
+        params = completion_sampling_params(body, max_tokens, _backend(request).default_sampling)
+        jobs.append(Job(ids, text, params, f"{rid}-{i}", namespace, lora))
     return jobs
+
+
+def _requested_max_tokens(request: Request, body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """The request's own limit, else the model's generation_config max_new_tokens, else None (the rest)."""
+    asked = body.requested_max_tokens
+    return asked if asked is not None else _backend(request).default_sampling.get("max_tokens")
 
 
 def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
@@ -276,11 +300,14 @@ def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
 def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...],
               lora: str | None) -> Job:
     tok = _backend(request).tokenizer
-    ids, text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt is not False)
+    ids, text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt is not False,
+                             body.chat_template_kwargs)
     if not ids:
         raise RequestError("the rendered chat prompt is empty", param="messages")
-    max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), _max_model_len(request), "messages")
-    return Job(ids, text, chat_sampling_params(body, max_tokens), f"{rid}-0", namespace, lora)
+    max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), _max_model_len(request),
+                                    "messages")
+    params = chat_sampling_params(body, max_tokens, _backend(request).default_sampling)
+    return Job(ids, text, params, f"{rid}-0", namespace, lora)
 
 
 async def _prepare(request: Request, body: CompletionRequest | ChatCompletionRequest,
@@ -359,7 +386,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request,
                             _: str | None = Depends(tenant_of)) -> PlainTextResponse:
     """Load (or reload with new weights) an adapter on every replica; 400 for a bad one."""
-    if body.lora_name in (_base_name(request), _backend(request).model_name):
+    if body.lora_name in (*_base_names(request), _backend(request).model_name):
         raise APIError(400, f"'{body.lora_name}' is the base model's name", param="lora_name")
     try:
         await _backend(request).load_adapter(body.lora_name, body.lora_path)
@@ -381,9 +408,10 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request,
 async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
     backend, base, created = _backend(request), _base_name(request), int(time.time())
     limit = _max_model_len(request)
-    cards = [ModelCard(id=base, created=created, root=backend.model_name, max_model_len=limit)]
+    names = _base_names(request)
+    cards = [ModelCard(id=n, created=created, root=backend.model_name, max_model_len=limit) for n in names]
     for name in backend.model_names():
-        if name not in (base, backend.model_name):
+        if name not in (*names, backend.model_name):
             cards.append(ModelCard(id=name, created=created, root=name, parent=base, max_model_len=limit))
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 

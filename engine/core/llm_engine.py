@@ -21,9 +21,9 @@ from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.executor.base import Executor, UniprocExecutor, WorkerFailure
 from radixserve.engine.lora.request import LoRARequest
 from radixserve.engine.model.default_models import resolve_model
-from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.model.hf_config import generation_defaults, load_arch_config
 from radixserve.engine.sampling_params import SamplingParams
-from radixserve.engine.tokenizer import Tokenizer
+from radixserve.engine.tokenizer import load_tokenizer
 from radixserve.engine.worker.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,11 @@ class LLMEngine:
         self.launcher = launcher
         self.engine_id = engine_id or uuid.uuid4().hex[:12]
         self.dead: str | None = None  # set when the workers could not be restarted
-        self.model_dir = resolve_model(config.model.model, config.model.cache_dir)
+        self.model_dir = resolve_model(config.model.model, config.model.cache_dir, config.model.revision)
         self.arch = load_arch_config(self.model_dir)
-        self.tokenizer = Tokenizer(self.model_dir, extra_eos_token_ids=list(self.arch.eos_token_ids))
+        self.tokenizer = load_tokenizer(config.model, self.model_dir)
+        # Request defaults for fields a request leaves unset (the model's generation_config.json).
+        self.default_sampling = generation_defaults(self.model_dir, config.model.generation_config)
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
@@ -75,7 +77,7 @@ class LLMEngine:
         if num_cpu is None:
             num_cpu = int(cache.swap_space * 2**30) // self.executor.block_bytes
         if num_cpu:
-            self.transfers = CacheTransferClient(par.host, par.cache_queue_port, par.tensor_parallel_size)
+            self.transfers = CacheTransferClient(par.worker_host, par.cache_queue_port, par.tensor_parallel_size)
         address = self.transfers.address if self.transfers else ""
         self.executor.init_cache(self.executor.num_blocks, num_cpu, address)
         if self.transfers:

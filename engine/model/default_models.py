@@ -101,6 +101,7 @@ _LOGIT_STD = 3.0
 _NORM_WEIGHT_STD = 0.1
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -578,13 +579,31 @@ def build_once(final: Path, is_complete: Callable[[Path], bool], write: Callable
     return final
 
 
-def resolve_model(name_or_path: str, cache_dir: str | None = None) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """A hub id's snapshot in the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``); never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:
+        raise ValueError(f"model {repo_id!r} looks like a hub id; resolving one from the local Hugging Face "
+                         "cache needs huggingface_hub (pip install huggingface_hub)") from exc
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"model {repo_id!r}{at} is not in the local Hugging Face cache "
+                         "(HF_HOME / HF_HUB_CACHE) and nothing is downloaded at run time; "
+                         "download it where a network is allowed, or pass a directory") from exc
+
+
+def resolve_model(name_or_path: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
     """Return the HF directory for ``name_or_path``, generating or converting it if needed.
 
     * an existing directory is returned as is;
     * a ``.gguf`` file is converted once into ``<cache_dir>/models/`` (see gguf_convert);
     * a packaged model name (``smollm2``) is the GGUF file a registry package ships;
-    * an embedded model name is generated on first use into ``<cache_dir>/models/<name>-<key>``.
+    * an embedded model name is generated on first use into ``<cache_dir>/models/<name>-<key>``;
+    * a hub id (``org/name``) is its snapshot in the local Hugging Face cache, at ``revision``.
 
     ``cache_dir`` defaults to ``$XDG_CACHE_HOME/radixserve`` or ``~/.cache/radixserve``.
     Safe to call from several processes at once.
@@ -601,9 +620,11 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> Path:
         final = root / "models" / gguf_convert.cache_name(gguf_file)
         return build_once(final, gguf_convert.is_converted, lambda tmp: gguf_convert.convert(gguf_file, tmp))
     spec = EMBEDDED_MODELS.get(name_or_path)
+    if spec is None and _HUB_ID.fullmatch(name_or_path):
+        return _hub_snapshot(name_or_path, revision)
     if spec is None:
         raise ValueError(
-            f"model {name_or_path!r} is not a directory, a .gguf file or a known model name; "
+            f"model {name_or_path!r} is not a directory, a .gguf file, a hub id or a known model name; "
             f"names: {', '.join(sorted([*EMBEDDED_MODELS, *gguf_convert.PACKAGED_MODELS]))}")
     return build_once(model_dir(spec.name, cache_dir), lambda p: _is_complete(p, spec),
                       lambda tmp: write_model(spec, tmp))

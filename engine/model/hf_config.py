@@ -141,12 +141,19 @@ _GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k":
                         "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
-def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """SamplingParams defaults the model ships in generation_config.json (empty when it has none).
+def generation_defaults(model_dir: str | Path, setting: str = "auto") -> dict[str, Any]:
+    """SamplingParams defaults from generation_config.json (empty when it has none).
 
-    Only the fields a request leaves unset take these, as in vLLM; an explicit value always wins.
+    ``setting`` is ModelConfig.generation_config: "auto" reads the model's own file,
+    "vllm" none, anything else is a directory holding one. Only the fields a request
+    leaves unset take these, as in vLLM; an explicit value always wins.
     """
-    path = Path(model_dir) / "generation_config.json"
+    if setting == "vllm":
+        return {}
+    folder = Path(model_dir) if setting == "auto" else Path(setting).expanduser()
+    if setting != "auto" and not folder.is_dir():
+        raise ValueError(f"generation_config {setting!r}: not auto, vllm or a directory")
+    path = folder / "generation_config.json"
     if not path.is_file():
         return {}
     cfg = _read_json(path)

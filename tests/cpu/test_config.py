@@ -28,7 +28,7 @@ OTHER = {
     "kv_cache_gib": 1.5, "swap_space": 2.0, "num_cpu_blocks": 5,
     "max_num_seqs": 3, "max_num_batched_tokens": 512, "enable_chunked_prefill": False,
     "preemption_mode": "recompute",
-    "tensor_parallel_size": 2, "engine_worker_queue_port": 0, "cache_queue_port": 0, "host": "0.0.0.0",
+    "tensor_parallel_size": 2, "engine_worker_queue_port": 0, "cache_queue_port": 0, "worker_host": "0.0.0.0",
     "worker_timeout_s": 5.0,
     "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 8, "lora_modules": ("a=/p/a",),
     "device": "cpu", "attention_backend": "torch",
