@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from radixserve.engine.config import EngineConfig
+from radixserve.engine.executor import wire
 from radixserve.engine.sampling_params import SamplingParams
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n",
@@ -35,7 +36,14 @@ _GROUP_BLOCKS = 4  # prompts sharing this many leading blocks form one affinity 
 class Row:
     id: str
     prompt_token_ids: list[int]
-    params: dict  # SamplingParams.to_wire()
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The rows one engine actor runs; they reach it msgpack-encoded, validated on decode."""
+
+    rows: list[Row]
 
 
 def read_done(out_path: Path) -> set[str]:
@@ -79,7 +87,7 @@ def load_rows(in_path: Path, tokenizer, defaults: dict[str, Any], done: set[str]
         else:
             raise ValueError(f"{in_path}:{lineno + 1}: a row needs prompt, messages or prompt_token_ids")
         params = {**defaults, **{k: obj[k] for k in _SAMPLING_FIELDS if k in obj}}
-        rows.append(Row(rid, ids, SamplingParams(**params).to_wire()))
+        rows.append(Row(rid, ids, SamplingParams(**params)))
     return rows
 
 
@@ -110,13 +118,15 @@ def make_engine_actor():
             from radixserve.engine.entrypoints.llm import engine_config
             self.engine = LLMEngine(engine_config(**engine_kwargs))
 
-        def run(self, shard_json: str):
-            """Yield one JSON result line per row, as rows finish."""
+        def run(self, shard: bytes):
+            """Yield one JSON result line per row of a ``wire.encode("shard", Shard)``, as rows finish."""
+            # By package name: under ``python -m`` this module is __main__, whose
+            # names the decoder could not resolve in the actor's process.
+            from radixserve.cluster.batch import Shard
             pending = {}
-            for row in json.loads(shard_json):
-                self.engine.add_request(row["id"], None, SamplingParams.from_wire(row["params"]),
-                                        prompt_token_ids=row["prompt_token_ids"])
-                pending[row["id"]] = len(row["prompt_token_ids"])
+            for row in wire.decode(shard, {"shard": Shard})[1].rows:
+                self.engine.add_request(row.id, None, row.params, prompt_token_ids=row.prompt_token_ids)
+                pending[row.id] = len(row.prompt_token_ids)
             while pending:
                 for out in self.engine.step():
                     if out.finished and out.request_id in pending:
@@ -158,7 +168,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
     Engine = make_engine_actor()
     actors = [Engine.options(num_cpus=args.cpus_per_engine).remote(engine_kwargs) for _ in shards]
     streams = [a.run.options(num_returns="streaming").remote(
-        json.dumps([r.__dict__ for r in shard])) for a, shard in zip(actors, shards)]
+        wire.encode("shard", Shard(shard))) for a, shard in zip(actors, shards)]
     prompt_tokens = cached = written = 0
     with out_path.open("a") as out, tqdm(total=len(rows), desc="batch") as bar:
         active = list(streams)

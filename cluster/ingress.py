@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from radixserve.cluster.backend import Backend, BackendUnavailableError, GenerationStream
 from radixserve.cluster.metadata import get_metadata_actor
 from radixserve.cluster.openai_api.app import ServerConfig, build_app
-from radixserve.cluster.replica_wire import GenerateRequest, decode_item, encode_request
+from radixserve.cluster.replica_wire import GenerateRequest, ReplicaInfo, decode_info, decode_item, encode_request
 from radixserve.engine.cache.hashing import prompt_block_hashes
 from radixserve.engine.config import ModelConfig
 from radixserve.engine.entrypoints.outputs import RequestOutput
@@ -67,7 +67,7 @@ class ClusterStream(GenerationStream):
 
 
 class ClusterBackend(Backend):
-    def __init__(self, handle, info: dict, tokenizer: Tokenizer, model_name: str,
+    def __init__(self, handle, info: ReplicaInfo, tokenizer: Tokenizer, model_name: str,
                  lora_reader=None, default_sampling: dict | None = None):
         """``lora_reader(path)`` validates an adapter directory and returns its
         content hash (None: the replicas serve no LoRA)."""
@@ -92,11 +92,11 @@ class ClusterBackend(Backend):
 
     @property
     def max_model_len(self) -> int:
-        return self._info["max_model_len"]
+        return self._info.max_model_len
 
     @property
     def block_size(self) -> int:
-        return self._info["block_size"]
+        return self._info.block_size
 
     @property
     def model_name(self) -> str:
@@ -112,7 +112,7 @@ class ClusterBackend(Backend):
         # Hash exactly as the engine will: the adapter's namespace comes first.
         engine_ns = ((self._adapters[lora],) if lora else ()) + tuple(namespace)
         payload = encode_request(GenerateRequest(
-            request_id, ids, prompt_text, params.to_wire(), list(namespace),
+            request_id, ids, prompt_text, params, list(namespace),
             prompt_block_hashes(ids, self.block_size, engine_ns), lora))
         last: BaseException | None = None
         for attempt in range(_RETRIES):
@@ -208,7 +208,7 @@ class OpenAIIngress:
         mcfg = ModelConfig(**model)
         model_dir = resolve_model(mcfg.model, mcfg.cache_dir, mcfg.revision)
         self.tokenizer = load_tokenizer(mcfg, model_dir)
-        info = await llm_handle.get_info.remote()
+        info = decode_info(await llm_handle.get_info.remote())
         self.config = ServerConfig(**(server or {}))
         reader = None
         if max_lora_rank is not None:

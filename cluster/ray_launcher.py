@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.launcher import WorkerHandle, WorkerLauncher
-from radixserve.engine.worker.main import WorkerArgs
+from radixserve.engine.executor.protocol import WorkerArgs
 
 
 @ray.remote(max_restarts=0)

@@ -12,34 +12,19 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from radixserve.cluster.metadata import encode_batch, encode_snapshot, get_metadata_actor
-from radixserve.cluster.replica_wire import StreamItem, decode_request, encode_item
+from radixserve.cluster.replica_wire import ReplicaInfo, StreamItem, decode_request, encode_info, encode_item
 from radixserve.engine.cache.hashing import HASH_SCHEME_VERSION
 from radixserve.engine.entrypoints.async_engine import AsyncLLMEngine
 from radixserve.engine.entrypoints.llm import engine_config
 from radixserve.engine.lora.request import LoRARequest
-from radixserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    replica_id: str
-    model: str
-    max_model_len: int
-    block_size: int
-    vocab_size: int
-    model_dir: str
-    fingerprint: str
-    node_id: str
-    pid: int
 
 
 def fingerprint(model_dir: str, block_size: int) -> str:
@@ -125,21 +110,21 @@ class LLMServer:
         resident = [a.name for a in lora.slots if a is not None]
         await self.metadata.report_adapters.remote(self.replica_id, {**loaded, **self._adapter_errors}, resident)
 
-    async def get_info(self) -> dict:
+    async def get_info(self) -> bytes:
+        """This replica's ReplicaInfo, msgpack-encoded (``replica_wire.decode_info``)."""
         self._ensure_publisher()
-        return self.info.__dict__
+        return encode_info(self.info)
 
     async def generate(self, payload: bytes):
         """Stream msgpack-encoded StreamItems; closing the stream aborts the request."""
         self._ensure_publisher()
         req = decode_request(payload)
-        params = SamplingParams.from_wire(req.params)
         lora = None
         if req.lora is not None:
             if self.engine.engine.lora is not None and req.lora not in self.engine.engine.lora.adapters:
                 await self._sync_adapters()  # loaded in the cluster moments ago
             lora = LoRARequest(req.lora)
-        async for out in self.engine.generate(req.prompt_text, params, req.request_id,
+        async for out in self.engine.generate(req.prompt_text, req.params, req.request_id,
                                               prompt_token_ids=req.prompt_token_ids,
                                               namespace=req.namespace, lora_request=lora):
             yield encode_item(StreamItem(self.replica_id, out))

@@ -1,7 +1,7 @@
 """What the ingress and the replicas exchange through Ray Serve, as msgpack bytes.
 
 Ray moves the bytes; their content is our explicit, versioned schema
-(engine/wire.py), so no Python object crosses a process as pickle.
+(engine/executor/wire.py), so no Python object crosses a process as pickle.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.executor import wire
+from radixserve.engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,25 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     prompt_text: str | None
-    params: dict  # SamplingParams.to_wire()
+    params: SamplingParams  # rebuilt, hence validated, on decode
     namespace: list[str]
     block_hashes: list[int]  # computed by the ingress exactly as the engine will: what the router reads
     lora: str | None = None  # LoRA adapter name (None: the base model)
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a replica tells the ingress about itself (``LLMServer.get_info``)."""
+
+    replica_id: str
+    model: str
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+    model_dir: str
+    fingerprint: str
+    node_id: str
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -55,3 +71,11 @@ def encode_item(item: StreamItem) -> bytes:
 
 def decode_item(data: bytes) -> StreamItem:
     return wire.decode(data, {"output": StreamItem})[1]
+
+
+def encode_info(info: ReplicaInfo) -> bytes:
+    return wire.encode("info", info)
+
+
+def decode_info(data: bytes) -> ReplicaInfo:
+    return wire.decode(data, {"info": ReplicaInfo})[1]

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -39,6 +39,17 @@ _DELIVERY_S = 0.05  # a routed request reaches its replica's queue within this
 _RECENT_KEEP_S = 10.0  # forget routings older than this even without a newer report
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A replica chosen for a request that Ray has not routed yet (counted against it meanwhile)."""
+
+    replica: str
+    reason: str  # the policy's reason, the label of router_decisions_total
+    tokens: int  # the prompt tokens it will compute there (uncached)
+    hit: int     # prompt blocks cached there
+    at: float    # time.monotonic() of the choice; expired after _RESERVATION_TTL_S
+
+
 # No FIFOMixin on purpose: with it, a replica chosen for one request may be
 # handed to whichever request is oldest, which would break per-prompt affinity.
 # Without it Ray fulfils exactly the request the choice was made for.
@@ -55,8 +66,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         # (wall-clock time, replica, uncached prompt tokens) of recent routings:
         # work the replicas' own load reports may not include yet
         self._recent: deque[tuple[float, str, int]] = deque()
-        # request -> (replica, reason, tokens, hit blocks, when): chosen, not yet routed
-        self._chosen: dict[str, tuple[str, str, int, int, float]] = {}
+        self._chosen: dict[str, Choice] = {}  # internal request id -> its replica, not yet routed
         self._sync_task: asyncio.Task | None = None
         self._actor = None
 
@@ -105,7 +115,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         load, taken_at = self.index.loads.get(rid, (0, 0.0))
         since = taken_at - _DELIVERY_S  # routed earlier than this had reached the replica
         recent = sum(t for when, r, t in self._recent if r == rid and when > since)
-        reserved = sum(c[2] for c in self._chosen.values() if c[0] == rid)
+        reserved = sum(c.tokens for c in self._chosen.values() if c.replica == rid)
         return load + recent + reserved + self.cfg.per_request_tokens * self.inflight[rid]
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -134,24 +144,24 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._release(key)
         self._expire_reservations()
         self.inflight[replica] += 1
-        self._chosen[key] = (replica, reason, tokens, hit, time.monotonic())
+        self._chosen[key] = Choice(replica, reason, tokens, hit, time.monotonic())
 
-    def _release(self, key: str) -> tuple | None:
+    def _release(self, key: str) -> Choice | None:
         held = self._chosen.pop(key, None)
         if held is not None:
-            self.inflight[held[0]] = max(0, self.inflight[held[0]] - 1)
+            self.inflight[held.replica] = max(0, self.inflight[held.replica] - 1)
         return held
 
     def _expire_reservations(self) -> None:
         cutoff = time.monotonic() - _RESERVATION_TTL_S  # requests cancelled before being routed
-        for key in [k for k, v in self._chosen.items() if v[4] < cutoff]:
+        for key in [k for k, v in self._chosen.items() if v.at < cutoff]:
             self._release(key)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = replica_id.unique_id
         key = pending_request.metadata.internal_request_id
         held = self._release(key)
-        reason, tokens, hit = (held[1], held[2], held[3]) if held else (self.cfg.policy, 0, 0)
+        reason, tokens, hit = (held.reason, held.tokens, held.hit) if held else (self.cfg.policy, 0, 0)
         self.inflight[rid] += 1
         self._recent.append((time.time(), rid, tokens))
         self.decisions[(rid, reason)] += 1

@@ -1,13 +1,16 @@
 """Sampling parameters: the user-facing request knob set (vLLM field names and defaults).
 
-Plain data with its validation, importable without torch, so the cache,
-scheduler and HTTP layers can carry it. The torch ``Sampler`` that acts on it
-lives in ``radixserve.engine.worker.sampler``.
+Plain data with its validation and the stop-token check, importable without
+torch, so the cache, scheduler and HTTP layers can carry it. It crosses
+processes as itself through the typed wire codec (engine/executor/wire.py),
+which rebuilds it field by field, so ``__post_init__`` validates every decoded
+copy. The torch ``Sampler`` that acts on it lives in
+``radixserve.engine.worker.sampler``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 MAX_LOGPROBS = 20  # cap on logprobs / prompt_logprobs, as OpenAI's API does
@@ -133,18 +136,31 @@ class SamplingParams:
         """How many sequences the engine generates (best_of, else n)."""
         return self.best_of if self.best_of is not None else self.n
 
-    def to_wire(self) -> dict[str, Any]:
-        """A dict of msgpack-safe primitives (ints, floats, bools, str, lists, None)."""
-        wire = {f.name: getattr(self, f.name) for f in fields(self)}
-        # Copies, so the dict never aliases our lists.
-        wire["stop"] = list(self.stop)
-        wire["stop_token_ids"] = list(self.stop_token_ids)
-        return wire
 
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> SamplingParams:
-        _require(isinstance(data, dict), f"sampling params must be a dict, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown sampling parameters: {unknown}")
-        return cls(**data)
+def check_stop_token(token_id: int, params: SamplingParams, eos_token_ids: frozenset[int],
+                     num_output_tokens: int) -> str | None:
+    """Finish reason after sampling ``token_id``, or None to go on.
+
+    ``num_output_tokens`` counts the output tokens including ``token_id``.
+    "stop" when the token is in ``stop_token_ids`` or is EOS (unless
+    ``ignore_eos``), but only once more than ``min_tokens`` tokens exist (the
+    sampler masks them before that, so this only matters for callers that
+    bypass it). "length" when ``num_output_tokens >= max_tokens``; a stop
+    token on the last allowed position reports "stop", as it explains the end
+    better. ``max_tokens=None`` never gives "length" here: the engine caps
+    the sequence at max_model_len itself.
+
+    The text of a stop token is left out of the output (pass
+    ``is_stop_token=True`` to ``IncrementalDetokenizer.add_token``) unless
+    ``include_stop_str_in_output``; EOS is usually a special token, which
+    ``skip_special_tokens`` drops from the text anyway. Stop strings are
+    matched on the text, by the detokenizer.
+    """
+    if num_output_tokens > params.min_tokens:
+        if token_id in (params.stop_token_ids or ()):  # a list after __post_init__; `or` for mypy
+            return "stop"
+        if not params.ignore_eos and token_id in eos_token_ids:
+            return "stop"
+    if params.max_tokens is not None and num_output_tokens >= params.max_tokens:
+        return "length"
+    return None

@@ -5,8 +5,9 @@ configured); every rank runs a ``CacheTransferServer`` thread that connects a
 DEALER, executes tasks (swap-in, swap-out) on its own pools -- on CUDA on a
 side stream, so copies overlap the model's forward -- and acknowledges each
 task. ``CacheTransferClient`` reports a task done only when every rank acked
-it; a rank that fails a task fails it for all. Messages are msgpack via
-engine/wire.py, validated, never pickled.
+it; a rank that fails a task fails it for all. The messages are in
+engine/executor/protocol.py: msgpack via engine/executor/wire.py, validated,
+never pickled.
 """
 from __future__ import annotations
 
@@ -14,54 +15,23 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 import zmq
 
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.net import bind_router
+from radixserve.engine.executor.protocol import (
+    TO_CLIENT,
+    TO_SERVER,
+    TransferAck,
+    TransferDone,
+    TransferHello,
+    TransferTask,
+)
 from radixserve.kernels import block_copy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TransferTask:
-    task_id: int
-    kind: str  # "swap_in" (CPU -> device) | "swap_out" (device -> CPU)
-    gpu_blocks: list[int]
-    cpu_blocks: list[int]
-
-
-@dataclass(frozen=True)
-class TransferAck:
-    task_id: int
-    rank: int
-    ok: bool
-    error: str
-    seconds: float
-    num_bytes: int
-
-
-@dataclass(frozen=True)
-class TransferHello:
-    rank: int
-
-
-@dataclass(frozen=True)
-class TransferDone:
-    """A task every rank finished (ok) or some rank failed."""
-
-    task_id: int
-    ok: bool
-    error: str
-    seconds: float  # slowest rank
-    num_bytes: int  # summed over ranks
-
-
-TO_SERVER = {"task": TransferTask, "stop": None}
-TO_CLIENT = {"hello": TransferHello, "ack": TransferAck}
 
 
 class CacheTransferClient:

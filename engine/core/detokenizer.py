@@ -1,4 +1,4 @@
-"""Incremental detokenization with stop strings, and the stop-token check.
+"""Incremental detokenization with stop strings.
 
 One ``IncrementalDetokenizer`` per output sequence turns sampled token ids
 into text as they arrive. It decodes only a small window of recent tokens per
@@ -12,7 +12,8 @@ the sequence length, and it hands out only text that is final:
   so a stop string never leaks into the stream, even partly.
 
 Stop tokens (EOS, ``stop_token_ids``) and the length limit are decided by the
-engine with ``check_stop_token``; stop strings are found here, on the text.
+scheduler with ``sampling_params.check_stop_token``; stop strings are found
+here, on the text.
 """
 from __future__ import annotations
 
@@ -39,34 +40,6 @@ class DetokenizerOutput:
     new_text: str  # text safe to send to a streaming client now, not sent before
     stop_str: str | None = None  # the stop string that ended the sequence at this token
     finished: bool = False  # no more text will come (stop string matched or flushed)
-
-
-def check_stop_token(token_id: int, params: SamplingParams, eos_token_ids: frozenset[int],
-                     num_output_tokens: int) -> str | None:
-    """Finish reason after sampling ``token_id``, or None to go on.
-
-    ``num_output_tokens`` counts the output tokens including ``token_id``.
-    "stop" when the token is in ``stop_token_ids`` or is EOS (unless
-    ``ignore_eos``), but only once more than ``min_tokens`` tokens exist (the
-    sampler masks them before that, so this only matters for callers that
-    bypass it). "length" when ``num_output_tokens >= max_tokens``; a stop
-    token on the last allowed position reports "stop", as it explains the end
-    better. ``max_tokens=None`` never gives "length" here: the engine caps
-    the sequence at max_model_len itself.
-
-    The text of a stop token is left out of the output (pass
-    ``is_stop_token=True`` to ``IncrementalDetokenizer.add_token``) unless
-    ``include_stop_str_in_output``; EOS is usually a special token, which
-    ``skip_special_tokens`` drops from the text anyway.
-    """
-    if num_output_tokens > params.min_tokens:
-        if token_id in params.stop_token_ids:
-            return "stop"
-        if not params.ignore_eos and token_id in eos_token_ids:
-            return "stop"
-    if params.max_tokens is not None and num_output_tokens >= params.max_tokens:
-        return "length"
-    return None
 
 
 class IncrementalDetokenizer:

@@ -10,7 +10,7 @@ from collections.abc import Sequence as Seq
 from radixserve.engine.cache.events import EventLog
 from radixserve.engine.cache.hashing import root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
-from radixserve.engine.cache.transfer import CacheTransferClient, TransferTask
+from radixserve.engine.cache.transfer import CacheTransferClient
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.core.metrics import EngineMetrics
 from radixserve.engine.core.output_processor import OutputProcessor
@@ -19,12 +19,12 @@ from radixserve.engine.core.scheduler_output import StepResult
 from radixserve.engine.core.sequence import Request, Sequence
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.executor.base import Executor, UniprocExecutor, WorkerFailure
+from radixserve.engine.executor.protocol import TransferTask, WorkerSpec
 from radixserve.engine.lora.request import LoRARequest
 from radixserve.engine.model.default_models import resolve_model
 from radixserve.engine.model.hf_config import generation_defaults, load_arch_config
 from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.tokenizer import load_tokenizer
-from radixserve.engine.worker.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 

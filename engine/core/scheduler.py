@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.config import SchedulerConfig
-from radixserve.engine.core.detokenizer import check_stop_token
 from radixserve.engine.core.scheduler_output import (
     NewSampler,
     SampledToken,
@@ -26,6 +25,7 @@ from radixserve.engine.core.scheduler_output import (
     StepResult,
 )
 from radixserve.engine.core.sequence import Request, SeqStatus, Sequence
+from radixserve.engine.sampling_params import check_stop_token
 
 if TYPE_CHECKING:
     from radixserve.engine.lora.manager import LoRAManager
@@ -288,7 +288,7 @@ class Scheduler:
             if s.seq_id not in self._has_sampler:
                 self._has_sampler.add(s.seq_id)
                 out.new_samplers.append(NewSampler(
-                    s.seq_id, seq.request.params.to_wire(), seq.request.prompt_token_ids,
+                    s.seq_id, seq.request.params, seq.request.prompt_token_ids,
                     s.output_token_ids, child_index=s.index))
 
     # -- results -------------------------------------------------------------

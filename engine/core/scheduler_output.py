@@ -1,11 +1,14 @@
 """What one step runs (SchedulerOutput) and what it returns (StepResult).
 
-These cross the engine-worker queue as msgpack (see wire.py), so they hold
-only ints, floats, strings and lists of them -- never tensors.
+These cross the engine-worker queue as msgpack (see engine/executor/wire.py),
+so they hold only ints, floats, strings, lists of them and plain dataclasses
+such as SamplingParams -- never tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from radixserve.engine.sampling_params import SamplingParams
 
 
 @dataclass
@@ -26,7 +29,7 @@ class NewSampler:
     """First time a sequence samples: the sampling state rank 0 creates for it."""
 
     seq_id: int
-    params: dict            # SamplingParams.to_wire()
+    params: SamplingParams  # rebuilt, hence validated, by the wire codec on decode
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # non-empty when resumed after a preemption
     child_index: int = 0

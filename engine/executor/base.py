@@ -4,7 +4,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
-from radixserve.engine.worker.worker import Worker, WorkerSpec
+from radixserve.engine.executor.protocol import WorkerSpec
+from radixserve.engine.worker.worker import Worker
 
 
 class WorkerFailure(RuntimeError):

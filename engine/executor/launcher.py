@@ -14,7 +14,7 @@ import sys
 from abc import ABC, abstractmethod
 
 from radixserve.engine.executor import wire
-from radixserve.engine.worker.main import WorkerArgs
+from radixserve.engine.executor.protocol import WorkerArgs
 
 
 class WorkerHandle(ABC):

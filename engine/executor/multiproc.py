@@ -22,8 +22,7 @@ from radixserve.engine.executor import wire
 from radixserve.engine.executor.base import Executor, WorkerFailure
 from radixserve.engine.executor.launcher import ProcessLauncher, WorkerHandle, WorkerLauncher
 from radixserve.engine.executor.net import bind_router, free_tcp_port
-from radixserve.engine.worker.main import WORKER_TO_ENGINE, InitCache, WorkerArgs
-from radixserve.engine.worker.worker import WorkerSpec
+from radixserve.engine.executor.protocol import WORKER_TO_ENGINE, InitCache, WorkerArgs, WorkerSpec
 
 log = logging.getLogger(__name__)
 _POLL_MS = 100  # how often a wait checks that every worker is still alive

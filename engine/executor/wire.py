@@ -3,8 +3,11 @@
 A message is ``{"v": WIRE_VERSION, "kind": <str>, "body": <plain data>}``. The
 body of a dataclass is a map of exactly its fields; decoding checks the
 version, the kind, the field names and every value's type against the
-dataclass annotations, and raises WireError on any mismatch -- a malformed or
-foreign message is rejected, never executed. No pickle anywhere.
+dataclass annotations, then builds the dataclass (so its ``__post_init__``
+checks run too, as SamplingParams's do), and raises WireError on any
+mismatch or failed check -- a malformed or foreign message is rejected, never
+executed. No pickle anywhere. The message types of the engine's two queues
+are in protocol.py.
 """
 from __future__ import annotations
 
@@ -109,7 +112,10 @@ def from_plain(cls: type, data: Any, where: str | None = None) -> Any:
                 raise WireError(f"{where}: missing field {f.name!r}")
             continue
         kwargs[f.name] = _check(data[f.name], hints[f.name], f"{where}.{f.name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)  # a dataclass's own __post_init__ validation runs here
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"{where}: {exc}") from exc
 
 
 def decode(data: bytes, expected: dict[str, type | None]) -> tuple[str, Any]:

@@ -3,8 +3,10 @@
 A worker connects a ZMQ DEALER socket to the engine's engine-worker queue
 (``engine_worker_queue_port``), says hello, loads its shard, reports how many
 KV blocks fit, and then executes whatever valid messages arrive until told to
-stop. The same ``run_worker`` serves local processes (``python -m
-radixserve.engine.worker.main``) and Ray actors (cluster/), so launching is pluggable.
+stop; the messages are in engine/executor/protocol.py. The same
+``run_worker`` serves local processes (``python -m
+radixserve.engine.worker.main``) and Ray actors (cluster/), so launching is
+pluggable.
 """
 from __future__ import annotations
 
@@ -16,68 +18,15 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 
 import torch
 import zmq
 
-from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
-from radixserve.engine.worker.worker import Worker, WorkerSpec
+from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, Ack, Failure, Hello, Loaded, StepReply, WorkerArgs
+from radixserve.engine.worker.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerArgs:
-    spec: WorkerSpec
-    engine_address: str   # tcp://127.0.0.1:8002
-    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    die_with_parent: bool = True  # local processes: never outlive the engine
-
-
-@dataclass(frozen=True)
-class Hello:
-    rank: int
-    pid: int
-
-
-@dataclass(frozen=True)
-class Loaded:
-    rank: int
-    num_blocks: int   # device blocks that fit on this rank
-    block_bytes: int  # bytes of one block on this rank (sizes the CPU tier)
-
-
-@dataclass(frozen=True)
-class InitCache:
-    num_blocks: int
-    num_cpu_blocks: int = 0
-    cache_address: str = ""  # the engine's cache queue, when there is a CPU tier
-
-
-@dataclass(frozen=True)
-class Ack:
-    rank: int
-
-
-@dataclass(frozen=True)
-class Failure:
-    rank: int
-    message: str
-
-
-@dataclass(frozen=True)
-class StepReply:
-    rank: int
-    result: StepResult
-    compute_s: float  # time inside the worker, so the engine can tell queue overhead apart
-
-
-# What the engine may send a worker: kind -> body type.
-ENGINE_TO_WORKER = {"init_cache": InitCache, "step": SchedulerOutput, "ping": None, "shutdown": None}
-# What a worker may send the engine.
-WORKER_TO_ENGINE = {"hello": Hello, "loaded": Loaded, "ack": Ack, "step": StepReply, "failure": Failure}
 
 
 def _die_with_parent() -> None:

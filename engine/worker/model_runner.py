@@ -17,7 +17,6 @@ from radixserve.engine.core.scheduler_output import (
 )
 from radixserve.engine.model.hf_config import ArchConfig
 from radixserve.engine.model.loader import build_model
-from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.worker.attention import AttentionMetadata, select_backend
 from radixserve.engine.worker.distributed import TPGroup
 from radixserve.engine.worker.sampler import Sampler, SeqSamplingState
@@ -217,7 +216,7 @@ class ModelRunner:
         if self.sampler is None:
             return
         for ns in so.new_samplers:
-            state = SeqSamplingState.create(SamplingParams.from_wire(ns.params), ns.prompt_token_ids,
+            state = SeqSamplingState.create(ns.params, ns.prompt_token_ids,
                                             child_index=ns.child_index, device=self.device)
             state.output_token_ids.extend(ns.output_token_ids)
             self.states[ns.seq_id] = state

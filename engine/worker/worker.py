@@ -1,7 +1,6 @@
 """One tensor-parallel rank: joins the process group, owns a ModelRunner."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,23 +8,11 @@ import torch
 import torch.distributed as dist
 
 from radixserve.engine.cache.transfer import CacheTransferServer
-from radixserve.engine.config import EngineConfig
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
+from radixserve.engine.executor.protocol import WorkerSpec
 from radixserve.engine.model.hf_config import load_arch_config
 from radixserve.engine.worker.distributed import TPGroup
 from radixserve.engine.worker.model_runner import ModelRunner, resolve_device
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a rank needs to start; plain values so it can cross a process boundary."""
-
-    config: EngineConfig
-    model_dir: str
-    rank: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-    dist_init_method: str | None = None  # tcp://127.0.0.1:port when tensor_parallel_size > 1
 
 
 class Worker:

@@ -76,7 +76,7 @@ def test_interrupted_job_resumes_without_loss_or_duplicates(tmp_path):
 
 
 def test_shards_keep_prefix_groups_together():
-    rows = [Row(f"r{i}", [i % 3] * 64 + [i], {}) for i in range(30)]
+    rows = [Row(f"r{i}", [i % 3] * 64 + [i], SamplingParams()) for i in range(30)]
     shards = shard_by_prefix(rows, 2, 16)
     for shard in shards:
         groups = {r.prompt_token_ids[0] for r in shard}

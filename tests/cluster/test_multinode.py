@@ -49,12 +49,13 @@ def test_two_nodes_serve_and_stop_cleanly(tmp_path):
 PROBE = """
 import json, ray
 from ray import serve
+from radixserve.cluster.replica_wire import decode_info
 ray.init(address="auto", namespace="serve", logging_level="ERROR")
 h = serve.get_deployment_handle("LLMServer", app_name="radixserve")
 seen = {}
 for _ in range(40):
-    info = h.get_info.remote().result()
-    seen[info["replica_id"]] = info["node_id"]
+    info = decode_info(h.get_info.remote().result())
+    seen[info.replica_id] = info.node_id
     if len(seen) == 2:
         break
 print(json.dumps(seen))

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from radixserve.cluster.replica_wire import ReplicaInfo, decode_info
 from radixserve.cluster.routing_policy import rendezvous
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.cache.hashing import prompt_block_hashes
@@ -164,11 +165,11 @@ def test_tp2_replica_matches_offline(cluster):
     assert r.json()["choices"][0]["text"] == ref
 
 
-def _replica_states(cluster) -> dict[str, dict]:
+def _replica_states(cluster) -> dict[str, tuple[ReplicaInfo, dict]]:
     states = {}
     for _ in range(30):  # calls without a prompt are spread by Ray's power-of-two choice
-        info = cluster.handle.get_info.remote().result()
-        states[info["replica_id"]] = (info, cluster.handle.kv_state.remote().result())
+        info = decode_info(cluster.handle.get_info.remote().result())
+        states[info.replica_id] = (info, cluster.handle.kv_state.remote().result())
         if len(states) == 2:
             break
     return states
@@ -182,7 +183,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_load_200_concurrent_streams_no_errors_no_leaks(cluster):
-    before = {rid: _rss_mb(info["pid"]) for rid, (info, _) in _replica_states(cluster).items()}
+    before = {rid: _rss_mb(info.pid) for rid, (info, _) in _replica_states(cluster).items()}
 
     async def go():
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
@@ -205,7 +206,7 @@ def test_load_200_concurrent_streams_no_errors_no_leaks(cluster):
     states = wait_for(settled, timeout=30)
     for rid, (info, _) in states.items():
         if rid in before:
-            assert _rss_mb(info["pid"]) < before[rid] * 1.5 + 100  # memory back near its start
+            assert _rss_mb(info.pid) < before[rid] * 1.5 + 100  # memory back near its start
 
 
 def test_lora_adapter_loaded_on_every_replica_and_served(cluster, tmp_path):

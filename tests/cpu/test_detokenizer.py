@@ -1,4 +1,4 @@
-"""Incremental detokenization, stop strings and the stop-token check."""
+"""Incremental detokenization and stop strings (the stop-token check is in test_sampling.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from radixserve.engine.core.detokenizer import IncrementalDetokenizer, check_stop_token
+from radixserve.engine.core.detokenizer import IncrementalDetokenizer
 from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.tokenizer import Tokenizer
 
@@ -301,22 +301,3 @@ def test_sentencepiece_style_keeps_leading_space(tmp_path):
     bare = IncrementalDetokenizer(tok, SamplingParams(max_tokens=None), [])
     text = "".join(bare.add_token(t, is_last=j == len(ids) - 1).new_text for j, t in enumerate(ids))
     assert text == tok.decode(ids) == "Hello world! Hello there."
-
-
-def test_check_stop_token():
-    eos = frozenset({2})
-    p = SamplingParams(max_tokens=5, stop_token_ids=[7])
-    assert check_stop_token(3, p, eos, 1) is None
-    assert check_stop_token(2, p, eos, 1) == "stop"
-    assert check_stop_token(7, p, eos, 1) == "stop"
-    assert check_stop_token(3, p, eos, 5) == "length"
-    assert check_stop_token(2, p, eos, 5) == "stop"  # a stop token on the last slot is "stop"
-    ignore = SamplingParams(ignore_eos=True, stop_token_ids=[7], max_tokens=5)
-    assert check_stop_token(2, ignore, eos, 1) is None
-    assert check_stop_token(7, ignore, eos, 1) == "stop"  # ignore_eos leaves stop ids alone
-    m = SamplingParams(min_tokens=2, max_tokens=10)
-    assert check_stop_token(2, m, eos, 1) is None
-    assert check_stop_token(2, m, eos, 2) is None
-    assert check_stop_token(2, m, eos, 3) == "stop"
-    unbounded = SamplingParams(max_tokens=None)
-    assert check_stop_token(3, unbounded, eos, 10**6) is None

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from radixserve.engine import LLM, LoRARequest, SamplingParams
 from radixserve.engine.core.scheduler_output import LoRALoad, LoRALoadError, ScheduledSeq, SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
+from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, WORKER_TO_ENGINE, StepReply
 from radixserve.engine.lora.adapter import TARGET_MODULES, module_shapes
 from radixserve.engine.model.hf_config import load_arch_config
-from radixserve.engine.worker.main import ENGINE_TO_WORKER, WORKER_TO_ENGINE, StepReply
 
 from .test_engine_vs_hf import hf_greedy, random_prompts
 

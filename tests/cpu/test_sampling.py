@@ -1,4 +1,4 @@
-"""SamplingParams validation and wire format, and the batched Sampler."""
+"""SamplingParams validation, wire format and stop-token check, and the batched Sampler."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,10 @@ import msgpack
 import pytest
 import torch
 
-from radixserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from radixserve.engine.core.scheduler_output import NewSampler, SchedulerOutput
+from radixserve.engine.executor import wire
+from radixserve.engine.executor.protocol import ENGINE_TO_WORKER
+from radixserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, check_stop_token
 from radixserve.engine.worker.sampler import Sampler, SeqSamplingState, derive_seed
 
 EOS = 2
@@ -79,26 +82,69 @@ def test_normalisation_and_defaults():
     assert SamplingParams(temperature=1e-6).is_greedy and not SamplingParams(temperature=0.01).is_greedy
 
 
-def test_wire_round_trip_through_msgpack():
+def _raw(body: dict) -> bytes:
+    return msgpack.packb({"v": wire.WIRE_VERSION, "kind": "params", "body": body})
+
+
+def test_wire_round_trip_through_the_codec():
     p = SamplingParams(n=2, best_of=3, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
                        seed=(1 << 64) - 1, repetition_penalty=1.1, presence_penalty=-0.5,
                        frequency_penalty=0.25, stop=["\n\n", "東京"], stop_token_ids=[7, 8],
                        ignore_eos=True, max_tokens=None, min_tokens=3, logprobs=5,
                        prompt_logprobs=0, include_stop_str_in_output=True,
                        skip_special_tokens=False, detokenize=True)
-    wire = p.to_wire()
-    back = SamplingParams.from_wire(msgpack.unpackb(msgpack.packb(wire)))
-    assert back == p
-    assert SamplingParams.from_wire(SamplingParams().to_wire()) == SamplingParams()
-    wire["stop"].append("mutated")
-    assert p.stop == ["\n\n", "東京"]  # the dict does not alias the params
+    back = wire.decode(wire.encode("params", p), {"params": SamplingParams})[1]
+    assert back == p and back is not p and back.stop is not p.stop
+    assert wire.decode(wire.encode("params", SamplingParams()), {"params": SamplingParams})[1] == SamplingParams()
+    # Nested, as the scheduler sends it to the workers: rebuilt as SamplingParams, not a dict.
+    so = SchedulerOutput(1, new_samplers=[NewSampler(4, p, [1, 2], [], child_index=1)])
+    got = wire.decode(wire.encode("step", so), ENGINE_TO_WORKER)[1]
+    assert got == so and isinstance(got.new_samplers[0].params, SamplingParams)
+    # Missing fields take their defaults and are normalised as in a local call.
+    q = wire.decode(_raw({"temperature": 0, "stop": "END", "top_k": -1}), {"params": SamplingParams})[1]
+    assert q == SamplingParams(temperature=0, stop="END", top_k=-1) and q.stop == ["END"] and q.top_k == 0
 
 
-def test_from_wire_rejects_unknown_and_invalid():
-    with pytest.raises(ValueError, match="unknown sampling parameters"):
-        SamplingParams.from_wire({"temperature": 1.0, "use_beam_search": True})
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams.from_wire({"top_p": 0})
+@pytest.mark.parametrize("body, match", [
+    ({"temperature": 1.0, "use_beam_search": True}, "unknown field"),
+    ({"top_p": 0}, "top_p"),                       # type-correct, refused by __post_init__
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"stop_token_ids": ["7"]}, "stop_token_ids"),
+    ({"seed": 1.5}, "seed"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+])
+def test_codec_rejects_unknown_and_invalid(body, match):
+    with pytest.raises(wire.WireError, match=match):
+        wire.decode(_raw(body), {"params": SamplingParams})
+
+
+def test_step_with_invalid_params_is_rejected_not_executed():
+    # A worker's decode of a step must fail as WireError (it answers "failure"), not crash it.
+    body = wire.to_plain(SchedulerOutput(1, new_samplers=[NewSampler(4, SamplingParams(), [1], [])]))
+    body["new_samplers"][0]["params"]["top_p"] = 2.0
+    raw = msgpack.packb({"v": wire.WIRE_VERSION, "kind": "step", "body": body})
+    with pytest.raises(wire.WireError, match="top_p"):
+        wire.decode(raw, ENGINE_TO_WORKER)
+
+
+def test_check_stop_token():
+    eos = frozenset({2})
+    p = SamplingParams(max_tokens=5, stop_token_ids=[7])
+    assert check_stop_token(3, p, eos, 1) is None
+    assert check_stop_token(2, p, eos, 1) == "stop"
+    assert check_stop_token(7, p, eos, 1) == "stop"
+    assert check_stop_token(3, p, eos, 5) == "length"
+    assert check_stop_token(2, p, eos, 5) == "stop"  # a stop token on the last slot is "stop"
+    ignore = SamplingParams(ignore_eos=True, stop_token_ids=[7], max_tokens=5)
+    assert check_stop_token(2, ignore, eos, 1) is None
+    assert check_stop_token(7, ignore, eos, 1) == "stop"  # ignore_eos leaves stop ids alone
+    m = SamplingParams(min_tokens=2, max_tokens=10)
+    assert check_stop_token(2, m, eos, 1) is None
+    assert check_stop_token(2, m, eos, 2) is None
+    assert check_stop_token(2, m, eos, 3) == "stop"
+    unbounded = SamplingParams(max_tokens=None)
+    assert check_stop_token(3, unbounded, eos, 10**6) is None
 
 
 # -- seeds ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import zmq
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.core.scheduler_output import SchedulerOutput
 from radixserve.engine.executor import wire
-from radixserve.engine.worker.main import ENGINE_TO_WORKER
+from radixserve.engine.executor.protocol import ENGINE_TO_WORKER
 
 from .test_loader import mistral_dir  # noqa: F401  (GQA fixture: 1 KV head)
 
