@@ -22,7 +22,7 @@ class ClusterConfig:
     num_replicas: int = 1
     router: str = "prefix_affinity"
     api_keys: dict[str, str] | None = None  # API key -> tenant; None = open
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None  # several: the first is reported, all accepted
     max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
     autoscaling: dict | None = None  # Serve autoscaling_config (then num_replicas is ignored)
     replica_cpus: float = 0.5  # CPU resources per bundle (replica and each TP worker)

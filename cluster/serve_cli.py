@@ -1,6 +1,6 @@
 """``radixserve serve``: start (or join) Ray, deploy the cluster app, serve HTTP.
 
-    radixserve serve --model tiny-llama                       # local Ray, 127.0.0.1:8000
+    radixserve serve smollm2                                  # local Ray, 127.0.0.1:8000
     radixserve serve --ray-address HEAD:6379 --detach ...      # deploy onto a running cluster
 """
 from __future__ import annotations
@@ -27,14 +27,18 @@ def add_serve_parser(sub, add_engine_flags) -> None:
     from radixserve.cluster.config import ClusterConfig  # ray-free: --help stays fast
     from radixserve.cluster.routing_policy import POLICIES
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM takes it (same as --model)")
     add_engine_flags(s)
     s.add_argument("--num-replicas", type=int, default=ClusterConfig.num_replicas)
     s.add_argument("--router", default=ClusterConfig.router, choices=POLICIES,
                    help=f"replica choice (default: {ClusterConfig.router})")
     s.add_argument("--api-key", action="append", default=None,
                    help="require this key (repeatable; KEY=TENANT gives the key its own cache namespace)")
-    s.add_argument("--served-model-name", default=ClusterConfig.served_model_name)
-    s.add_argument("--http-host", default="127.0.0.1")
+    s.add_argument("--served-model-name", nargs="+", default=ClusterConfig.served_model_name,
+                   help="name(s) clients use for the model; the first is reported (default: the model)")
+    s.add_argument("--host", "--http-host", dest="http_host", default="127.0.0.1",
+                   help="HTTP address (default: 127.0.0.1; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start a local one)")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
@@ -52,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from radixserve.cli import engine_kwargs
     from radixserve.cluster.app import build_application
     from radixserve.cluster.config import ClusterConfig
+    if args.model_tag:
+        args.model = args.model_tag
     cfg = ClusterConfig(model=args.model, num_replicas=args.num_replicas, router=args.router,
                         api_keys=_api_keys(args.api_key), served_model_name=args.served_model_name,
                         replica_cpus=args.replica_cpus, engine=engine_kwargs(args))

@@ -111,7 +111,6 @@ class ServerConfig:
         if not (isinstance(self.disconnect_poll_s, (int, float)) and 0 < self.disconnect_poll_s <= 10):
             raise ValueError(f"disconnect_poll_s must be in (0, 10], got {self.disconnect_poll_s!r}")
 
-    @staticmethod
     def served_names(self) -> tuple[str, ...]:
         names = self.served_model_name
         return (names,) if isinstance(names, str) else (names or ())

@@ -133,7 +133,7 @@ class LLMEngine:
         """
         if self.dead is not None:
             raise RuntimeError(f"engine is down: {self.dead}")
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.default_sampling)  # the model's generation_config
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
