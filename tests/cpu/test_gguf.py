@@ -49,6 +49,20 @@ def _tiny_tokenizer(tiny_dir: Path) -> dict:
             "eos": special["<|eot_id|>"]}
 
 
+def random_kquant(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Bytes of a K-quant tensor (gguf-py cannot quantize these): random codes, sane f16 scales."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    if qtype == "Q4_K":  # d, dmin lead the block
+        raw[..., 0:2], raw[..., 2:4] = scale, np.frombuffer(np.float16(0.001).tobytes(), dtype=np.uint8)
+    elif qtype == "Q6_K":  # d ends the block
+        raw[..., size - 2:size] = scale
+    else:
+        raise ValueError(qtype)
+    return raw.reshape(rows, -1)
+
+
 def write_tiny_gguf(path: Path, tiny_dir: Path, qtype: str, *, arch: str = "llama", tied: bool = True,
                     seed: int = 0, tensor_type_override: dict | None = None,
                     tokenizer_model: str = "gpt2") -> Path:
@@ -90,6 +104,8 @@ def write_tiny_gguf(path: Path, tiny_dir: Path, qtype: str, *, arch: str = "llam
         qt = gguf.GGMLQuantizationType[qname]
         if qname == "I8":  # an integer tensor: no float model stores one
             raw = np.clip(data * 100, -127, 127).astype(np.int8)
+        elif qname.endswith("_K"):
+            raw = random_kquant(*shape, qname, rng)
         else:
             raw = data if qname == "F32" else gguf.quants.quantize(data, qt)
         w.add_tensor(name, raw, raw_dtype=qt)
@@ -163,6 +179,16 @@ def test_gguf_matches_transformers(tiny_dir, gguf_dir, model_cache_dir, qtype, a
     assert_greedy_matches(llm, hf_from_gguf(path), prompts, max_new=8)
     cfg = json.loads((resolve_model(str(path), model_cache_dir) / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is tied and cfg["architectures"] == [gguf_convert.ARCHITECTURES[arch]]
+
+
+@pytest.mark.parametrize("kquant", ["Q4_K", "Q6_K"])
+def test_gguf_k_quants_match_transformers(tiny_dir, gguf_dir, model_cache_dir, kquant):
+    # K-quant rows hold 256 values: the down projections (256 inputs) carry them.
+    down = {f"blk.{i}.ffn_down.weight": kquant for i in range(2)}
+    path = write_tiny_gguf(gguf_dir / f"tiny-{kquant}.gguf", Path(tiny_dir), "Q8_0", tensor_type_override=down)
+    llm = LLM(str(path), cache_dir=model_cache_dir, max_model_len=512)
+    prompts = [np.random.default_rng(2).integers(5, 2000, size=n).tolist() for n in (4, 30)]
+    assert_greedy_matches(llm, hf_from_gguf(path), prompts, max_new=8)
 
 
 def test_gguf_tokenizer_and_template_match_transformers(tiny_dir, gguf_dir, model_cache_dir):
