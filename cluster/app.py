@@ -43,6 +43,8 @@ def build_application(cfg: ClusterConfig):
         options["num_replicas"] = cfg.num_replicas
     llm = serve.deployment(LLMServer).options(**options).bind(engine_kwargs)
     server = {"served_model_name": cfg.served_model_name, "api_keys": cfg.api_keys,
+              "allowed_origins": tuple(cfg.allowed_origins), "allowed_methods": tuple(cfg.allowed_methods),
+              "allowed_headers": tuple(cfg.allowed_headers), "allow_credentials": cfg.allow_credentials,
               "return_request_id_header": False}
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, ray_actor_options={"num_cpus": 0.1},

@@ -99,6 +99,11 @@ class Backend(ABC):
         """Sampling defaults for fields a request leaves unset (the model's generation_config.json)."""
         return {}
 
+    @property
+    def model_root(self) -> str:
+        """Where the model lives (its local HF directory): /v1/models reports it as ``root``."""
+        return self.model_name
+
     @abstractmethod
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        namespace: tuple[str, ...], prompt_text: str | None,
@@ -153,6 +158,10 @@ class LocalBackend(Backend):
     @property
     def default_sampling(self) -> Mapping[str, Any]:
         return self.engine.engine.default_sampling
+
+    @property
+    def model_root(self) -> str:
+        return str(self.engine.engine.model_dir)
 
     @property
     def max_model_len(self) -> int:

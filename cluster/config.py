@@ -23,6 +23,10 @@ class ClusterConfig:
     router: str = "prefix_affinity"
     api_keys: dict[str, str] | None = None  # API key -> tenant; None = open
     served_model_name: str | list[str] | None = None  # several: the first is reported, all accepted
+    allowed_origins: tuple[str, ...] = ()  # CORS (none by default; ("*",) allows any origin)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
     max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
     autoscaling: dict | None = None  # Serve autoscaling_config (then num_replicas is ignored)
     replica_cpus: float = 0.5  # CPU resources per bundle (replica and each TP worker)

@@ -68,10 +68,11 @@ class ClusterStream(GenerationStream):
 
 class ClusterBackend(Backend):
     def __init__(self, handle, info: ReplicaInfo, tokenizer: Tokenizer, model_name: str,
-                 lora_reader=None, default_sampling: dict | None = None):
+                 lora_reader=None, default_sampling: dict | None = None, model_root: str | None = None):
         """``lora_reader(path)`` validates an adapter directory and returns its
         content hash (None: the replicas serve no LoRA)."""
         self._default_sampling = dict(default_sampling or {})
+        self._model_root = model_root or model_name
         self._handle = handle.options(stream=True)
         self._info = info
         self._tokenizer = tokenizer
@@ -89,6 +90,10 @@ class ClusterBackend(Backend):
     @property
     def default_sampling(self) -> dict:
         return self._default_sampling
+
+    @property
+    def model_root(self) -> str:
+        return self._model_root
 
     @property
     def max_model_len(self) -> int:
@@ -215,7 +220,7 @@ class OpenAIIngress:
             arch = load_arch_config(model_dir)
             reader = lambda path: read_adapter(path, arch, max_lora_rank).content_hash  # noqa: E731
         self.backend = ClusterBackend(llm_handle, info, self.tokenizer, mcfg.model, reader,
-                                      generation_defaults(model_dir, mcfg.generation_config))
+                                      generation_defaults(model_dir, mcfg.generation_config), str(model_dir))
 
     def __serve_build_asgi_app__(self):
         return build_app(self.backend, self.config)

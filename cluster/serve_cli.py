@@ -37,6 +37,11 @@ def add_serve_parser(sub, add_engine_flags) -> None:
                    help="require this key (repeatable; KEY=TENANT gives the key its own cache namespace)")
     s.add_argument("--served-model-name", nargs="+", default=ClusterConfig.served_model_name,
                    help="name(s) clients use for the model; the first is reported (default: the model)")
+    for name in ("origins", "methods", "headers"):
+        s.add_argument(f"--allowed-{name}", nargs="+", type=str, default=getattr(ClusterConfig, f"allowed_{name}"),
+                       help=f"CORS allowed {name} (a list, or vLLM's JSON list; default: "
+                            f"{list(getattr(ClusterConfig, f'allowed_{name}')) or 'none'})")
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     s.add_argument("--host", "--http-host", dest="http_host", default="127.0.0.1",
                    help="HTTP address (default: 127.0.0.1; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)
@@ -47,6 +52,14 @@ def add_serve_parser(sub, add_engine_flags) -> None:
     s.add_argument("--app-name", default="radixserve")
     s.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running")
     s.set_defaults(fn=cmd_serve)
+
+
+def _cors(values) -> tuple[str, ...]:
+    """``a b`` or vLLM's ``'["a", "b"]'``."""
+    values = list(values)
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        values = json.loads(values[0])
+    return tuple(str(v) for v in values)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -60,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_tag
     cfg = ClusterConfig(model=args.model, num_replicas=args.num_replicas, router=args.router,
                         api_keys=_api_keys(args.api_key), served_model_name=args.served_model_name,
+                        allowed_origins=_cors(args.allowed_origins), allowed_methods=_cors(args.allowed_methods),
+                        allowed_headers=_cors(args.allowed_headers), allow_credentials=args.allow_credentials,
                         replica_cpus=args.replica_cpus, engine=engine_kwargs(args))
     if args.ray_address:
         ray.init(address=args.ray_address, namespace="serve")

@@ -20,9 +20,11 @@ from typing import Any
 import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from radixserve import __version__
 from radixserve.cluster.backend import Backend, request_namespace
 from radixserve.cluster.openai_api.protocol import (
     ChatCompletionRequest,
@@ -84,6 +86,9 @@ class ServerConfig:
     return_request_id_header: send x-request-id (the response id); Ray Serve's proxy adds
         its own x-request-id to every response, so behind Serve this may be turned off.
     disconnect_poll_s: how often a non-streaming request checks whether its client left.
+    allowed_origins / allowed_methods / allowed_headers / allow_credentials: CORS, as vLLM's
+        flags. No origin is allowed by default (the server binds loopback; a web page the
+        user visits must not be able to call it); ``("*",)`` allows any.
     """
 
     served_model_name: str | tuple[str, ...] | None = None
@@ -92,8 +97,17 @@ class ServerConfig:
     return_replica_header: bool = True
     return_request_id_header: bool = True
     disconnect_poll_s: float = 0.1
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         names = self.served_model_name
         if isinstance(names, (list, tuple)):
             object.__setattr__(self, "served_model_name", tuple(names) or None)
@@ -138,6 +152,10 @@ def build_app(backend: Backend | None, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)
+    # Always installed, so a preflight OPTIONS gets an answer (400 for an origin not allowed).
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                       allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
+                       allow_credentials=config.allow_credentials)
     _add_routes(app)
     return app
 
@@ -328,6 +346,9 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
+    app.add_api_route("/version", version, methods=["GET"])
+    app.add_api_route("/ping", ping, methods=["GET", "POST"])
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
@@ -404,15 +425,36 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request,
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+def _model_cards(request: Request) -> list[ModelCard]:
+    """The base model under each served name, then each LoRA adapter. ``root`` is the model's
+    local directory, so a client can load the tokenizer from it."""
     backend, base, created = _backend(request), _base_name(request), int(time.time())
-    limit = _max_model_len(request)
-    names = _base_names(request)
-    cards = [ModelCard(id=n, created=created, root=backend.model_name, max_model_len=limit) for n in names]
+    limit, names = _max_model_len(request), _base_names(request)
+    cards = [ModelCard(id=n, created=created, root=backend.model_root, max_model_len=limit) for n in names]
     for name in backend.model_names():
         if name not in (*names, backend.model_name):
             cards.append(ModelCard(id=name, created=created, root=name, parent=base, max_model_len=limit))
-    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+    return cards
+
+
+async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+    return JSONResponse(ModelList(data=_model_cards(request)).model_dump(mode="json"))
+
+
+async def get_model(model_id: str, request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+    card = next((c for c in _model_cards(request) if c.id == model_id), None)
+    if card is None:
+        raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+    return JSONResponse(card.model_dump(mode="json"))
+
+
+async def version(_: Request) -> JSONResponse:
+    return JSONResponse({"version": __version__})
+
+
+async def ping(request: Request) -> Response:
+    """vLLM's /ping (SageMaker's health route): /health under another name."""
+    return await health(request)
 
 
 async def tokenize(body: TokenizeRequest, request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:

@@ -87,6 +87,7 @@ class _GenerationRequest(_Model):
     prompt_logprobs: Any = None
     use_beam_search: Any = None
     return_tokens_as_token_ids: Any = None
+    priority: Any = None
 
     @property
     def wants_stream(self) -> bool:
@@ -179,6 +180,8 @@ _UNSUPPORTED: dict[str, _Rule] = {
     "prompt_logprobs": (_is_none, "prompt_logprobs is not supported; use echo with logprobs"),
     "use_beam_search": (_is_falsy, "beam search is not supported"),
     "return_tokens_as_token_ids": (_is_falsy, "return_tokens_as_token_ids is not supported"),
+    "priority": (_is_falsy, "priority is not supported: requests are scheduled first come, first served "
+                            "(send 0 or leave it out)"),
 }
 _UNSUPPORTED_COMPLETION: dict[str, _Rule] = {
     "suffix": (_is_falsy, "suffix is not supported"),
