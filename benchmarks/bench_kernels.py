@@ -82,17 +82,6 @@ def make_paged(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size
     return k_cache, v_cache, table.to(device), dense_k, dense_v
 
 
-def time_cpu(fn: Callable[[], object], repeat: int) -> dict:
-    """Median / min wall time in ms of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times)}
-
-
 def time_cpu_pair(paged: Callable[[], object], dense: Callable[[], object], repeat: int) -> tuple[dict, dict]:
     """Time two functions interleaved, so background load affects both alike."""
     paged(), dense()

@@ -27,8 +27,7 @@ import httpx
 from tqdm import tqdm
 
 from radixserve.benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
-from radixserve.cluster.backend import request_namespace
-from radixserve.engine.cache.hashing import prompt_block_hashes
+from radixserve.engine.cache.hashing import prompt_block_hashes, request_namespace
 from radixserve.engine.model.default_models import resolve_model
 from radixserve.engine.tokenizer import Tokenizer
 

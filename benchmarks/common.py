@@ -15,8 +15,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +123,6 @@ def write_result(suite: str, config: dict, measurements: dict, summary: dict,
            "measurements": measurements}
     path.write_text(json.dumps(json_safe(doc), indent=2, default=float) + "\n")
     return path
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - start, value
 
 
 def median(xs: list[float]) -> float:

@@ -31,25 +31,6 @@ from radixserve.engine.tokenizer import Tokenizer
 LOCAL_REPLICA_ID = "local"
 
 
-def request_namespace(tenant: str | None, cache_salt: str | None,
-                      adapter_namespace: str | None = None) -> tuple[str, ...]:
-    """The prefix-cache namespace of a request: its blocks hash under this root
-    (engine.cache.hashing.prompt_block_hashes), so a request only ever hits
-    blocks cached by requests of the same adapter, tenant and cache salt. The
-    router hashes prompts with the same namespace to find where they are cached.
-
-    ``adapter_namespace`` is a LoRA adapter's own ``lora:{name}:{content hash}``
-    (what the engine puts first for a request on that adapter); the HTTP layer
-    passes the adapter *name* to the backend instead and lets the engine add it.
-    """
-    namespace = [adapter_namespace] if adapter_namespace is not None else []
-    if tenant is not None:
-        namespace.append(f"tenant:{tenant}")
-    if cache_salt is not None:
-        namespace.append(f"salt:{cache_salt}")
-    return tuple(namespace)
-
-
 class BackendUnavailableError(RuntimeError):
     """No engine can serve the request now (dead engine, no healthy replica)."""
 

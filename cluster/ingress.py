@@ -21,7 +21,7 @@ from radixserve.cluster.backend import Backend, BackendUnavailableError, Generat
 from radixserve.cluster.metadata import get_metadata_actor
 from radixserve.cluster.openai_api.app import ServerConfig, build_app
 from radixserve.cluster.replica_wire import GenerateRequest, ReplicaInfo, decode_info, decode_item, encode_request
-from radixserve.engine.cache.hashing import prompt_block_hashes
+from radixserve.engine.cache.hashing import cache_namespace, prompt_block_hashes
 from radixserve.engine.config import ModelConfig
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.lora.adapter import read_adapter
@@ -114,8 +114,7 @@ class ClusterBackend(Backend):
                        namespace: tuple[str, ...], prompt_text: str | None,
                        lora: str | None = None) -> GenerationStream:
         ids = list(prompt_token_ids)
-        # Hash exactly as the engine will: the adapter's namespace comes first.
-        engine_ns = ((self._adapters[lora],) if lora else ()) + tuple(namespace)
+        engine_ns = cache_namespace(self._adapters[lora] if lora else None, namespace)  # as the engine will
         payload = encode_request(GenerateRequest(
             request_id, ids, prompt_text, params, list(namespace),
             prompt_block_hashes(ids, self.block_size, engine_ns), lora))

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve import __version__
-from radixserve.cluster.backend import Backend, request_namespace
+from radixserve.cluster.backend import Backend
 from radixserve.cluster.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,10 +63,11 @@ from radixserve.cluster.openai_api.serving import (
     unavailable,
     until_disconnect,
 )
+from radixserve.engine.cache.hashing import request_namespace
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.tokenizer import Tokenizer
 
-__all__ = ["ServerConfig", "attach_backend", "build_app", "request_namespace"]
+__all__ = ["ServerConfig", "attach_backend", "build_app"]
 
 REPLICA_HEADER = "x-radixserve-replica"
 REQUEST_ID_HEADER = "x-request-id"

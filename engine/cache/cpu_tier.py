@@ -138,7 +138,7 @@ class CpuTier:
                 nodes.append(node)
         if not nodes:
             return None
-        cpu = []
+        cpu: list[int] = []
         for node in nodes:
             if self.pool.num_free == 0:
                 nodes = nodes[:len(cpu)]

@@ -28,6 +28,21 @@ def root_hash(namespace: Sequence[str] = ()) -> int:
     return _digest(msgpack.packb(["radixserve-block-hash", HASH_SCHEME_VERSION, list(namespace)]))
 
 
+def request_namespace(tenant: str | None = None, cache_salt: str | None = None) -> tuple[str, ...]:
+    """A request's own namespace parts: its tenant's (API key) and its cache salt's,
+    so a request only ever hits blocks cached by requests with the same ones."""
+    return ((f"tenant:{tenant}",) if tenant is not None else ()) + \
+        ((f"salt:{cache_salt}",) if cache_salt is not None else ())
+
+
+def cache_namespace(adapter: str | None, namespace: Sequence[str] = ()) -> tuple[str, ...]:
+    """The namespace a request's blocks hash under: its LoRA adapter version's own
+    (``lora:{name}:{content hash}``, None for the base model) first, then the
+    request's (``request_namespace``). The engine caches under it and the cluster
+    ingress hashes prompts under it for the router: both call this."""
+    return ((adapter,) if adapter is not None else ()) + tuple(namespace)
+
+
 def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
     tokens = np.asarray(token_ids, dtype="<u4").tobytes()
     return _digest(parent_hash.to_bytes(8, "little") + tokens)

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Collection
 
 import torch
 import zmq
@@ -76,7 +77,7 @@ class CacheTransferClient:
             self._acks[body.task_id].append(body)
         return True
 
-    def poll(self, wait_for: set[int] = frozenset(), timeout_s: float = 0.0) -> list[TransferDone]:
+    def poll(self, wait_for: Collection[int] = frozenset(), timeout_s: float = 0.0) -> list[TransferDone]:
         """Tasks now complete. Blocks until every task in ``wait_for`` is, or
         raises TimeoutError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s

@@ -8,14 +8,14 @@ import uuid
 from collections.abc import Sequence as Seq
 
 from radixserve.engine.cache.events import EventLog
-from radixserve.engine.cache.hashing import root_hash
+from radixserve.engine.cache.hashing import cache_namespace, root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.cache.transfer import CacheTransferClient
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.core.metrics import EngineMetrics
 from radixserve.engine.core.output_processor import OutputProcessor
 from radixserve.engine.core.scheduler import Scheduler
-from radixserve.engine.core.scheduler_output import StepResult
+from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.core.sequence import Request, Sequence
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.executor.base import Executor, UniprocExecutor, WorkerFailure
@@ -46,11 +46,11 @@ class LLMEngine:
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
         check_host_memory(config)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics()  # shared: each component counts what it does
         self.lora = None  # LoRAManager with enable_lora
         if config.lora.enable_lora:
             from radixserve.engine.lora.manager import LoRAManager
-            self.lora = LoRAManager(config.lora, self.arch, lambda ns: self.kv.drop_namespace(ns))
+            self.lora = LoRAManager(config.lora, self.arch, lambda ns: self.kv.drop_namespace(ns), self.metrics)
             for name, path in config.lora.lora_modules:  # validated before any worker starts
                 self.lora.load(LoRARequest(name, path))
         self.executor = self._make_executor()
@@ -64,10 +64,10 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, self.executor.num_blocks * self.block_size)
         self.events = EventLog(self.engine_id)
         self.kv = self._make_kv(num_cpu_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, self.lora)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, self.lora,
+                                   self.metrics)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.metrics)
         self._seq_ids = itertools.count()
-        self._last_stats = (0, 0, 0, 0)
 
     def _init_pools(self) -> int:
         """Size the CPU tier from what a block weighs on each rank, start the
@@ -141,7 +141,7 @@ class LLMEngine:
         ids = [int(t) for t in prompt_token_ids]
         self.validate_prompt(ids)
         adapter = self.resolve_lora(lora_request) if lora_request is not None else None
-        namespace = ((adapter.namespace,) if adapter is not None else ()) + tuple(namespace)
+        namespace = cache_namespace(adapter.namespace if adapter is not None else None, namespace)
         request = Request(request_id, prompt, ids, params, namespace,
                           arrival_time if arrival_time is not None else time.monotonic(), lora=adapter)
         self._make_seqs(request)
@@ -206,7 +206,6 @@ class LLMEngine:
         request = self.scheduler.abort_request(request_id)
         if request is None:
             return None
-        self.metrics.inc("num_requests_aborted")
         return self.outputs.finish_and_release(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -262,26 +261,18 @@ class LLMEngine:
         outs = []
         for d in done:
             t, seq = self.scheduler.apply_transfer(d.task_id, d.ok)
-            kind = "swap_in" if t.kind == "swap_in" else "swap_out"
             if d.ok:
-                self.metrics.inc(f"{kind}_blocks", len(t.gpu_blocks))
-                self.metrics.inc(f"{kind}_bytes", d.num_bytes)
+                self.metrics.inc(f"{t.kind}_blocks", len(t.gpu_blocks))  # swap_in_blocks / swap_out_blocks
+                self.metrics.inc(f"{t.kind}_bytes", d.num_bytes)
                 self.metrics.observe("cache_transfer_seconds", d.seconds)
             if seq is not None:  # its prefix could not be restored: fail the whole request
-                self.metrics.inc("num_requests_failed")
-                for other in seq.request.seqs:
-                    if not other.is_finished:
-                        self.scheduler.finish_seq(other, "error")
-                outs.append(self.outputs.finish_and_release(seq.request, error=f"cache transfer failed: {d.error}"))
+                outs.append(self._fail_request(seq.request, f"cache transfer failed: {d.error}"))
         return outs
 
     def _recover(self, error: str) -> list[RequestOutput]:
         """The workers lost their KV pools: fail every request, forget the
         cache, and restart the workers (or mark the engine dead)."""
-        outs = []
-        for request in self.scheduler.fail_all():
-            self.metrics.inc("num_requests_failed")
-            outs.append(self.outputs.finish_and_release(request, error=f"worker failure: {error}"))
+        outs = [self._fail_request(r, f"worker failure: {error}") for r in list(self.scheduler.requests.values())]
         self.scheduler.reset_worker_state()
         self.kv.clear_all()
         if self.lora is not None:  # new workers start with empty adapter slots
@@ -300,16 +291,17 @@ class LLMEngine:
     def is_healthy(self) -> bool:
         return self.dead is None and self.executor.is_healthy()
 
-    def _fail_step(self, so, error: str) -> list[RequestOutput]:
-        failed = {self.scheduler.seqs[s.seq_id].request for s in so.seqs if s.seq_id in self.scheduler.seqs}
-        outs = []
-        for request in failed:
-            for seq in request.seqs:
-                if not seq.is_finished:
-                    self.scheduler.finish_seq(seq, "error")
-            self.metrics.inc("num_requests_failed")
-            outs.append(self.outputs.finish_and_release(request, error=error))
-        return outs
+    def _fail_request(self, request: Request, error: str) -> RequestOutput:
+        """End every unfinished sequence of ``request`` with "error"; its final output."""
+        self.scheduler.finish_request(request, "error")
+        self.metrics.inc("num_requests_failed")
+        return self.outputs.finish_and_release(request, error=error)
+
+    def _fail_step(self, so: SchedulerOutput, error: str) -> list[RequestOutput]:
+        """The step raised: fail the requests it scheduled (each once, in step order)."""
+        seqs = (self.scheduler.seqs.get(s.seq_id) for s in so.seqs)
+        failed = {seq.request.request_id: seq.request for seq in seqs if seq is not None}
+        return [self._fail_request(r, error) for r in failed.values()]
 
     def _fail_lora_loads(self, result: StepResult) -> list[RequestOutput]:
         """Some adapter could not be loaded into its slot, so nothing ran: fail the
@@ -321,28 +313,16 @@ class LLMEngine:
             if adapter is not None:
                 failed[adapter.uid] = f"LoRA adapter {adapter.name!r} could not be loaded: {err.message}"
                 log.error(failed[adapter.uid])
-        outs = []
-        for request in list(self.scheduler.requests.values()):
-            if request.lora is None or request.lora.uid not in failed:
-                continue
-            for seq in request.seqs:
-                if not seq.is_finished:
-                    self.scheduler.finish_seq(seq, "error")
-            self.metrics.inc("num_requests_failed")
-            outs.append(self.outputs.finish_and_release(request, error=failed[request.lora.uid]))
-        return outs
+        return [self._fail_request(r, failed[r.lora.uid]) for r in list(self.scheduler.requests.values())
+                if r.lora is not None and r.lora.uid in failed]
 
     def _record_step(self, seconds: float) -> None:
-        m, st = self.metrics, self.scheduler.stats
+        """The step's time and the gauges. Counters are counted where things happen:
+        preemptions and prefix hits in the scheduler, finished requests and tokens
+        in the output processor, slot loads in the LoRA manager, failures and
+        cache transfers here."""
+        m = self.metrics
         m.observe("step_seconds", seconds)
-        now = (st.prefix_queries_tokens, st.prefix_hits_tokens, st.prefix_cpu_hits_tokens, st.num_preemptions)
-        (dq, dh, dc, dp) = (a - b for a, b in zip(now, self._last_stats))
-        self._last_stats = now
-        m.inc("prefix_cache_queries_tokens", dq)
-        m.inc("prefix_cache_hits_tokens", dh)
-        m.inc("prefix_cache_gpu_hits_tokens", dh - dc)
-        m.inc("prefix_cache_cpu_hits_tokens", dc)
-        m.inc("num_preemptions", dp)
         if self.kv.cpu is not None:
             m.set("cpu_cache_usage_perc", self.kv.cpu.usage)
         m.set("num_requests_running", len({s.request.request_id for s in self.scheduler.running}))
@@ -350,9 +330,6 @@ class LLMEngine:
         m.set("kv_cache_usage_perc", self.kv.usage)
         m.set("num_cached_blocks", len(self.kv.tree))
         if self.lora is not None:
-            st = self.lora.stats
-            m.set("lora_slot_loads", st.slot_loads)
-            m.set("lora_slot_evictions", st.slot_evictions)
             m.set("num_loras_loaded", len(self.lora.adapters))
             m.set("num_loras_resident", self.lora.num_resident)
 

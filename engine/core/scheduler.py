@@ -11,11 +11,11 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.config import SchedulerConfig
+from radixserve.engine.core.metrics import EngineMetrics
 from radixserve.engine.core.scheduler_output import (
     NewSampler,
     SampledToken,
@@ -31,21 +31,14 @@ if TYPE_CHECKING:
     from radixserve.engine.lora.manager import LoRAManager
 
 
-@dataclass
-class SchedulerStats:
-    num_preemptions: int = 0
-    prefix_queries_tokens: int = 0
-    prefix_hits_tokens: int = 0
-    prefix_cpu_hits_tokens: int = 0
-
-
 def _priority(seq: Sequence) -> tuple[float, int]:
     return (seq.request.arrival_time, seq.seq_id)
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 eos_token_ids: frozenset[int], lora: LoRAManager | None = None):
+                 eos_token_ids: frozenset[int], lora: LoRAManager | None = None,
+                 metrics: EngineMetrics | None = None):
         self.config = config
         self.kv = kv
         self.lora = lora  # adapter slots; None when LoRA is disabled
@@ -55,7 +48,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by priority (arrival, seq id)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}
-        self.stats = SchedulerStats()
+        self.metrics = metrics or EngineMetrics()  # preemptions and prefix hits, counted as they happen
         self._step_id = 0
         self._has_sampler: set[int] = set()  # seq ids rank 0 holds sampling state for
         self._finished_ids: list[int] = []
@@ -69,7 +62,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already running")
         self.requests[request.request_id] = request
         if request.lora is not None:
-            self.lora.acquire(request.lora)
+            self._loras().acquire(request.lora)
         for seq in request.seqs:
             self.seqs[seq.seq_id] = seq
         head, *children = request.seqs
@@ -82,10 +75,15 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None:
             return None
+        self.finish_request(request, "abort")
+        self.metrics.inc("num_requests_aborted")
+        return request
+
+    def finish_request(self, request: Request, reason: str) -> None:
+        """Finish every unfinished sequence of ``request`` (abort, engine error)."""
         for seq in request.seqs:
             if not seq.is_finished:
-                self.finish_seq(seq, "abort")
-        return request
+                self.finish_seq(seq, reason)
 
     def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         if seq.status == SeqStatus.RUNNING:
@@ -109,7 +107,7 @@ class Scheduler:
         for seq in request.seqs:
             self.seqs.pop(seq.seq_id, None)
         if request.lora is not None:
-            self.lora.release(request.lora)
+            self._loras().release(request.lora)
 
     def pending_prefill_tokens(self) -> int:
         """Prompt tokens admitted or queued but not computed yet: the queue a
@@ -118,13 +116,10 @@ class Scheduler:
         running = sum(s.num_uncomputed - 1 for s in self.running if s.num_uncomputed > 1)
         return waiting + running
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
+    def _loras(self) -> LoRAManager:
+        """The adapter manager; a request on an adapter is only accepted with LoRA on."""
+        assert self.lora is not None, "a LoRA request on an engine without LoRA"
+        return self.lora
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapping or self._finished_ids
@@ -140,7 +135,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
-        self.stats.num_preemptions += 1
+        self.metrics.inc("num_preemptions")
 
     def _schedule_running(self, budget: int, out: list[tuple[Sequence, int]]) -> tuple[int, bool]:
         preempted = False
@@ -208,7 +203,7 @@ class Scheduler:
             if n < seq.num_tokens - hit_tokens and not swap_in and not self.config.enable_chunked_prefill:
                 break
             lora = seq.request.lora
-            if lora is not None and not self.lora.can_reserve(lora, pinned):
+            if lora is not None and not self._loras().can_reserve(lora, pinned):
                 # Every slot is pinned by running adapters: let later requests (base
                 # model, resident adapters) go first; this one retries next step.
                 deferred.append(self.waiting.popleft())
@@ -220,16 +215,14 @@ class Scheduler:
             self.waiting.popleft()
             used += seats
             if lora is not None:
-                self.lora.reserve_slot(lora, pinned)
+                self._loras().reserve_slot(lora, pinned)
                 pinned.add(lora.uid)
             if self.kv.enable_prefix_caching:
                 inflight.update(seq.block_hashes[hit_blocks:])
             if seq.num_cached_tokens < 0:  # first admission: this is the request's prefix hit
                 seq.num_cached_tokens = hit_tokens
                 seq.num_cpu_cached_tokens = len(hit.cpu_nodes) * self.kv.block_size if hit else 0
-                self.stats.prefix_queries_tokens += seq.num_tokens
-                self.stats.prefix_hits_tokens += hit_tokens
-                self.stats.prefix_cpu_hits_tokens += seq.num_cpu_cached_tokens
+                self._count_prefix_hit(seq)
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()
             if swap_in:
@@ -242,6 +235,13 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))
         return budget
+
+    def _count_prefix_hit(self, seq: Sequence) -> None:
+        m, cpu = self.metrics, seq.num_cpu_cached_tokens
+        m.inc("prefix_cache_queries_tokens", seq.num_tokens)
+        m.inc("prefix_cache_hits_tokens", seq.num_cached_tokens)
+        m.inc("prefix_cache_gpu_hits_tokens", seq.num_cached_tokens - cpu)
+        m.inc("prefix_cache_cpu_hits_tokens", cpu)
 
     def schedule(self) -> SchedulerOutput:
         self._step_id += 1
@@ -272,9 +272,10 @@ class Scheduler:
         end = start + n
         lora_slot = -1
         if seq.request.lora is not None:
-            lora_slot = seq.request.lora.slot
-            assert lora_slot is not None, "a scheduled LoRA sequence must hold a slot"
-            self.lora.touch(seq.request.lora)
+            slot = seq.request.lora.slot
+            assert slot is not None, "a scheduled LoRA sequence must hold a slot"
+            lora_slot = slot
+            self._loras().touch(seq.request.lora)
         out.seqs.append(ScheduledSeq(
             seq.seq_id, seq.token_ids[start:end], start, list(seq.block_ids),
             seq.request.params.prompt_logprobs if want_plp else None,
@@ -319,6 +320,7 @@ class Scheduler:
 
     def _fork(self, child: Sequence) -> None:
         parent = child.parent
+        assert parent is not None, "only an n>1 child waits to fork"
         try:
             self._pending_copies.extend(self.kv.fork(parent, child))
             child.status = SeqStatus.RUNNING
@@ -346,6 +348,7 @@ class Scheduler:
     def apply_transfer(self, task_id: int, ok: bool):
         """A transfer finished on every rank. Returns (the Transfer, the sequence
         whose swap-in failed -- already finished with "error" -- or None)."""
+        assert self.kv.cpu is not None, "a transfer finished without a CPU tier"
         t = self.kv.cpu.complete(task_id, ok)
         seq = t.seq
         if seq is None or t.orphaned or seq.status != SeqStatus.SWAPPING_IN:
@@ -365,12 +368,3 @@ class Scheduler:
         self._pending_copies.clear()
         if self.lora is not None:
             self.lora.reset_slots()
-
-    def fail_all(self) -> list[Request]:
-        """Finish every request with an error (the workers died)."""
-        failed = list(self.requests.values())
-        for request in failed:
-            for seq in request.seqs:
-                if not seq.is_finished:
-                    self.finish_seq(seq, "error")
-        return failed

@@ -12,7 +12,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -62,7 +61,6 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._stop = False
         self._dead: BaseException | None = None
-        self._last_step_end = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="radixserve-engine", daemon=True)
         self._thread.start()
 
@@ -138,10 +136,6 @@ class AsyncLLMEngine:
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive() and self.engine.is_healthy()
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._sinks)
-
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
@@ -200,7 +194,6 @@ class AsyncLLMEngine:
                         if out.finished:
                             del self._sinks[out.request_id]
                         sink(out)
-                self._last_step_end = time.monotonic()
         except BaseException as exc:  # never leave requests waiting on a dead thread
             log.exception("engine loop died")
             self._dead = exc

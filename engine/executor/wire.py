@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
@@ -64,7 +65,7 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         if value is not None:
             raise WireError(f"{where}: expected null, got {type(value).__name__}")
         return None
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_plain(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -118,7 +119,7 @@ def from_plain(cls: type, data: Any, where: str | None = None) -> Any:
         raise WireError(f"{where}: {exc}") from exc
 
 
-def decode(data: bytes, expected: dict[str, type | None]) -> tuple[str, Any]:
+def decode(data: bytes, expected: Mapping[str, type | None]) -> tuple[str, Any]:
     """Parse one message; ``expected`` maps each allowed kind to its body's
     dataclass (or None for a body-less message)."""
     try:

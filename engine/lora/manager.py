@@ -38,6 +38,7 @@ from pathlib import Path
 
 from radixserve.engine.cache.hashing import root_hash
 from radixserve.engine.config import LoRAConfig
+from radixserve.engine.core.metrics import EngineMetrics
 from radixserve.engine.core.scheduler_output import LoRALoad
 from radixserve.engine.lora.adapter import ParsedAdapter, files_signature, read_adapter
 from radixserve.engine.lora.request import LoRARequest
@@ -95,17 +96,17 @@ class LoRAInfo:
 
 @dataclass
 class LoRAStats:
-    slot_loads: int = 0
-    slot_evictions: int = 0
-    dropped_blocks: int = 0
+    dropped_blocks: int = 0  # cached blocks dropped with retired adapter versions
 
 
 class LoRAManager:
-    def __init__(self, config: LoRAConfig, arch: ArchConfig, drop_namespace: Callable[[int], int]):
+    def __init__(self, config: LoRAConfig, arch: ArchConfig, drop_namespace: Callable[[int], int],
+                 metrics: EngineMetrics | None = None):
         """``drop_namespace(ns)`` evicts the unreferenced cached blocks of every
         cache namespace that starts with the adapter's ``ns`` (tenants and cache
-        salts extend it)."""
+        salts extend it); ``metrics`` counts slot loads and evictions."""
         self.config = config
+        self.metrics = metrics or EngineMetrics()
         self.arch = arch
         self._drop_namespace = drop_namespace
         self.adapters: dict[str, LoRAAdapter] = {}      # name -> current version
@@ -231,12 +232,12 @@ class LoRAManager:
             return None
         if self.slots[slot] is not None:
             self.slots[slot].slot = None
-            self.stats.slot_evictions += 1
+            self.metrics.inc("lora_slot_evictions")
         self.slots[slot] = adapter
         adapter.slot = slot
         self._recency.move_to_end(slot)
         self._pending.append(LoRALoad(slot, adapter.name, adapter.path, adapter.content_hash))
-        self.stats.slot_loads += 1
+        self.metrics.inc("lora_slot_loads")
         return slot
 
     def touch(self, adapter: LoRAAdapter) -> None:

@@ -7,21 +7,24 @@ workers are Ray actors in the replica's placement group.
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+from tests.cluster.helpers import KEYS, free_port
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.hookimpl(tryfirst=True)  # before -m selects: `pytest -m "not cluster"` skips this folder
+def pytest_collection_modifyitems(items) -> None:
+    """Every test in this folder needs a real Ray cluster: mark it ``cluster``."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.cluster)
 
 
 @dataclass
@@ -31,7 +34,6 @@ class Cluster:
     handle: object  # DeploymentHandle to the 2-replica LLMServer deployment
     model_dir: Path
     cache_dir: str
-    gcs_address: str
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def cluster(tmp_path_factory):
     from radixserve.engine.model.default_models import resolve_model
     cache = str(tmp_path_factory.mktemp("cluster-models"))
     model_dir = resolve_model("tiny-llama", cache)
-    ctx = ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
+    ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = yaml.safe_load((ROOT / "ray_configs" / "serve.yaml").read_text())["applications"][0]["args"]
@@ -56,8 +58,7 @@ def cluster(tmp_path_factory):
                                 "engine_worker_queue_port": 0, "cache_queue_port": 0})
     serve.run(build_application(tp2), name="radixserve-tp2", route_prefix="/tp2")
     handle = serve.get_deployment_handle("LLMServer", app_name="radixserve")
-    yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/tp2", handle, model_dir, cache,
-                  ctx.address_info["gcs_address"])
+    yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/tp2", handle, model_dir, cache)
     serve.shutdown()
     for app in ("radixserve", "radixserve-tp2"):
         kill_metadata_actor(app)

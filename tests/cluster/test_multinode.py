@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import free_port
+from tests.cluster.helpers import free_port
 
 SCRIPT = Path(__file__).resolve().parents[2] / "ray_configs" / "launch_multinode.sh"
 

@@ -6,14 +6,12 @@ import json
 import time
 
 import httpx
-import pytest
 
 from radixserve.cluster.replica_wire import ReplicaInfo, decode_info
 from radixserve.cluster.routing_policy import rendezvous
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.cache.hashing import prompt_block_hashes
-
-from .conftest import KEYS
+from tests.cluster.helpers import KEYS
 
 AUTH = {"Authorization": "Bearer key-a"}
 NS_A = ("tenant:tenant-a",)
@@ -37,6 +35,16 @@ def router_reasons(c: httpx.Client) -> dict[str, float]:
             reason = line.split('reason="')[1].split('"')[0]
             out[reason] = out.get(reason, 0) + float(line.rsplit(" ", 1)[1])
     return out
+
+
+def published_blocks(replica: str) -> set[int]:
+    """Block hashes a replica has published to the cluster's cache directory."""
+    import ray
+
+    from radixserve.cluster.metadata import LocalIndex, decode_delta, get_metadata_actor
+    index = LocalIndex()
+    index.apply(decode_delta(ray.get(get_metadata_actor("radixserve").pull.remote(0))))
+    return set(index.blocks.get(replica, {}))
 
 
 def wait_for(pred, timeout=20.0, every=0.2):
@@ -147,11 +155,16 @@ def test_tenant_and_salt_isolation(cluster):
     same = wait_for(lambda: (r := complete(c, prompt + "2")).json()["usage"]["prompt_tokens_details"]
                     ["cached_tokens"] > 0 and r, timeout=10)
     assert same.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-    other = complete(c, prompt + "2", key="key-b")
+    other = complete(c, prompt + "2", key="key-b", return_token_ids=True)
     assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    salted = complete(c, prompt + "2", cache_salt="s1")
+    salted = complete(c, prompt + "2", cache_salt="s1", return_token_ids=True)
     assert salted.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert set(KEYS.values()) == {"tenant-a", "tenant-b"}
+    # What the server did with them: the replica that ran each request cached its
+    # prompt under the key's tenant (and the salt), and published those blocks.
+    for r, ns in ((other, (f"tenant:{KEYS['key-b']}",)), (salted, (f"tenant:{KEYS['key-a']}", "salt:s1"))):
+        ids = r.json()["choices"][0]["prompt_token_ids"]
+        first_block = prompt_block_hashes(ids, 16, ns)[0]
+        wait_for(lambda: first_block in published_blocks(r.headers["x-radixserve-replica"]), timeout=10)
 
 
 def test_tp2_replica_matches_offline(cluster):
@@ -212,7 +225,7 @@ def test_load_200_concurrent_streams_no_errors_no_leaks(cluster):
 def test_lora_adapter_loaded_on_every_replica_and_served(cluster, tmp_path):
     from radixserve.engine.lora.request import LoRARequest
     from radixserve.engine.model.hf_config import load_arch_config
-    from tests.cpu.test_lora import write_adapter
+    from tests.cpu.helpers import write_adapter
     path = write_adapter(tmp_path / "sql", load_arch_config(cluster.model_dir), seed=3)
     c = client(cluster)
     r = c.post("/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "sql", "lora_path": str(path)})
@@ -233,7 +246,7 @@ def test_lora_adapter_loaded_on_every_replica_and_served(cluster, tmp_path):
     assert complete(c, prompt, model="sql").status_code == 404
 
 
-@pytest.mark.order("last")
+# Last in this file (pytest runs a file top to bottom): it kills a replica of the shared deployment.
 def test_killed_replica_is_replaced_and_requests_keep_succeeding(cluster):
     import ray
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)

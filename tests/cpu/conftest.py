@@ -9,6 +9,7 @@ from radixserve.cluster.backend import LocalBackend
 from radixserve.cluster.openai_api.app import ServerConfig, build_app
 from radixserve.engine import AsyncLLMEngine
 from radixserve.engine.model.default_models import resolve_model
+from tests.cpu.helpers import write_hf_dir
 from tests.cpu.openai_harness import KEYS, MAX_LEN, MODEL, serve
 
 
@@ -20,6 +21,18 @@ def model_cache_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_dir(model_cache_dir):
     return resolve_model("tiny-llama", cache_dir=model_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory, tiny_dir):
+    """A Mistral (GQA, 1 KV head) HF directory on the tiny tokenizer -> (path, the HF model)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                        sliding_window=None, initializer_range=0.15, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("mistral")
+    model = write_hf_dir(path, tiny_dir, MistralForCausalLM, cfg)
+    return path, model
 
 
 @pytest.fixture(scope="session")

@@ -8,46 +8,16 @@ upward-closed, and replaying the event stream reproduces the tree per tier.
 """
 from __future__ import annotations
 
-import itertools
-
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from radixserve.engine.cache.events import CPU, GPU, BlockIndex, EventLog
-from radixserve.engine.cache.hashing import root_hash
+from radixserve.engine.cache.events import BlockIndex, EventLog
 from radixserve.engine.cache.kv_manager import KVCacheManager
-from radixserve.engine.core.sequence import Request, Sequence
-from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.core.sequence import Sequence
+from tests.cpu.helpers import make_seq, run_seq, tree_tiers
 
-BS = 4
-_ids = itertools.count()
-
-
-def make_seq(tokens: list[int]) -> Sequence:
-    req = Request(f"r{next(_ids)}", None, list(tokens), SamplingParams())
-    seq = Sequence(next(_ids), req, 0, list(tokens), BS, root_hash(()))
-    req.seqs.append(seq)
-    return seq
-
-
-def tree_tiers(kv: KVCacheManager) -> dict[int, set[str]]:
-    out = {}
-    for n in kv.tree.nodes():
-        tiers = ({GPU} if n.gpu_ready else set()) | ({CPU} if n.cpu_ready else set())
-        if tiers:
-            out[n.block_hash] = tiers
-    return out
-
-
-def run_seq(kv: KVCacheManager, tokens: list[int]) -> Sequence:
-    seq = make_seq(tokens)
-    hit = kv.lookup(seq)
-    assert kv.allocate(seq, seq.num_tokens - hit.num_tokens(BS), hit)
-    assert not kv.is_swapping_in(seq)
-    seq.num_computed_tokens = seq.num_tokens
-    kv.commit(seq)
-    return seq
+BS = 4  # make_seq's default block size
 
 
 def settle(kv: KVCacheManager, ok: bool = True) -> None:

@@ -7,46 +7,13 @@ projections, paged vs dense attention), measured at ~1e-6 here.
 """
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from radixserve.engine import LLM, SamplingParams
-
-LOGPROB_ATOL = 2e-4
-
-
-def hf_greedy(model, prompt: list[int], max_new: int) -> tuple[list[int], list[float]]:
-    """HF greedy generation and the logprob of each chosen token (EOS ignored, like ignore_eos)."""
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-                         output_scores=True, return_dict_in_generate=True, eos_token_id=None,
-                         pad_token_id=0, min_new_tokens=max_new)
-    gen = out.sequences[0, len(prompt):].tolist()
-    # Raw-logit logprobs from one full forward pass (generate's scores are processed logits).
-    with torch.no_grad():
-        logits = model(out.sequences).logits[0, len(prompt) - 1:-1].float()
-    lps = torch.log_softmax(logits, -1).gather(1, torch.tensor(gen)[:, None]).squeeze(1).tolist()
-    return gen, lps
-
-
-def random_prompts(n: int, vocab: int, seed: int, lo: int = 3, hi: int = 60) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(5, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def assert_matches_hf(hf_model, llm: LLM, prompts: list[list[int]], max_new: int) -> None:
-    params = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True, logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    for p, out in zip(prompts, outs):
-        ref_tokens, ref_lps = hf_greedy(hf_model, p, max_new)
-        comp = out.outputs[0]
-        assert comp.token_ids == ref_tokens, f"prompt of {len(p)} tokens diverged from HF"
-        ours = [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids)]
-        assert max(abs(a - b) for a, b in zip(ours, ref_lps)) < LOGPROB_ATOL
+from tests.cpu.helpers import assert_matches_hf, hf_greedy, random_prompts
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,11 @@ import pytest
 import torch
 
 from radixserve.kernels.lora_matmul import lora_expand_ref, lora_shrink_ref, segments_from_token_slots
-
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),
-       torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+from tests.cpu.kernel_cases import TOL, make_case
 
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def make_case(seg_lens: list[int], seg_slots: list[int], num_slots: int, k: int, r: int, n: int,
-              dtype: torch.dtype, device: str, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    token_slots = torch.tensor([s for s, m in zip(seg_slots, seg_lens) for _ in range(m)], dtype=torch.long)
-    t = int(token_slots.numel())
-    x = torch.randn(t, k, generator=gen).to(dtype)
-    a = (torch.randn(num_slots, r, k, generator=gen) * 0.2).to(dtype)
-    b = (torch.randn(num_slots, n, r, generator=gen) * 0.2).to(dtype)
-    indptr = torch.tensor([0] + list(torch.cumsum(torch.tensor(seg_lens), 0).tolist()), dtype=torch.int32)
-    slots = torch.tensor(seg_slots, dtype=torch.int32)
-    to = lambda z: z.to(device)  # noqa: E731
-    return to(x), to(a), to(b), to(indptr), to(slots), token_slots, max(seg_lens, default=0)
 
 
 def naive(x, a, b, token_slots):

@@ -7,36 +7,17 @@ always a leaf.
 """
 from __future__ import annotations
 
-import itertools
-
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from radixserve.engine.cache.block_pool import FreeBlockQueue
-from radixserve.engine.cache.hashing import prompt_block_hashes, root_hash
+from radixserve.engine.cache.hashing import prompt_block_hashes
 from radixserve.engine.cache.kv_manager import KVCacheManager
-from radixserve.engine.core.sequence import Request, Sequence
-from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.core.sequence import Sequence
+from tests.cpu.helpers import compute, make_seq
 
 BS = 4
-_ids = itertools.count()
-
-
-def make_seq(tokens: list[int], namespace: tuple[str, ...] = ()) -> Sequence:
-    req = Request(f"r{next(_ids)}", None, list(tokens), SamplingParams(), namespace)
-    seq = Sequence(next(_ids), req, 0, list(tokens), BS, root_hash(namespace))
-    req.seqs.append(seq)
-    return seq
-
-
-def compute(kv: KVCacheManager, seq: Sequence, n: int) -> None:
-    """What the scheduler + a step do: allocate, compute n tokens, commit."""
-    assert kv.allocate(seq, n)
-    seq.num_computed_tokens += n
-    kv.commit(seq)
-
-
 def test_free_queue_order_and_o1_ops():
     q = FreeBlockQueue(4)
     assert list(q) == [0, 1, 2, 3]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from radixserve.engine.cache.kv_manager import KVCacheManager
-
-from .test_kv_cache import compute, make_seq
+from tests.cpu.helpers import compute, make_seq, tree_tiers
 
 
 def test_drop_namespace_evicts_only_that_namespace_unreferenced():
@@ -42,8 +41,6 @@ def test_dropped_blocks_are_plain_free():
 
 def test_drop_namespace_covers_the_cpu_tier_and_events():
     from radixserve.engine.cache.events import BlockIndex, EventLog
-
-    from .test_cpu_tier import tree_tiers
     log = EventLog("e")
     kv = KVCacheManager(8, 4, True, num_cpu_blocks=16, events=log, demote_window=8)
     s = make_seq(list(range(13)), ("lora:a:1",))

@@ -10,19 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.model.hf_config import load_arch_config
-
-from .test_engine_vs_hf import assert_matches_hf, random_prompts
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def write_hf_dir(path, tiny_dir, model_cls, config):
-    torch.manual_seed(0)
-    model = model_cls(config).eval()
-    model.save_pretrained(path, max_shard_size="300KB")  # several shards + index.json
-    for name in TOKENIZER_FILES:
-        shutil.copy(tiny_dir / name, path / name)
-    return model
+from tests.cpu.helpers import assert_matches_hf, random_prompts, write_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +21,6 @@ def qwen2_dir(tmp_path_factory, tiny_dir):
                       tie_word_embeddings=False, initializer_range=0.15, rope_theta=10000.0)
     path = tmp_path_factory.mktemp("qwen2")
     model = write_hf_dir(path, tiny_dir, Qwen2ForCausalLM, cfg)
-    return path, model
-
-
-@pytest.fixture(scope="module")
-def mistral_dir(tmp_path_factory, tiny_dir):
-    from transformers import MistralConfig, MistralForCausalLM
-    cfg = MistralConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-                        sliding_window=None, initializer_range=0.15, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("mistral")
-    model = write_hf_dir(path, tiny_dir, MistralForCausalLM, cfg)
     return path, model
 
 

@@ -22,10 +22,9 @@ from radixserve.engine import LLM, LoRARequest, SamplingParams
 from radixserve.engine.core.scheduler_output import LoRALoad, LoRALoadError, ScheduledSeq, SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, WORKER_TO_ENGINE, StepReply
-from radixserve.engine.lora.adapter import TARGET_MODULES, module_shapes
+from radixserve.engine.lora.adapter import TARGET_MODULES
 from radixserve.engine.model.hf_config import load_arch_config
-
-from .test_engine_vs_hf import hf_greedy, random_prompts
+from tests.cpu.helpers import hf_greedy, random_prompts, write_adapter
 
 LOGPROB_ATOL = 2e-4
 MAX_NEW = 10
@@ -34,25 +33,6 @@ ALL = tuple(TARGET_MODULES)
 
 
 # ----------------------------------------------------------------------------- adapters
-
-def write_adapter(path: Path, arch, seed: int, r: int = 8, alpha: float = 16, modules=ALL,
-                  scale: float = 0.1, **config) -> Path:
-    """A random PEFT LoRA adapter for ``arch`` (B non-zero, unlike PEFT's init)."""
-    path.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i in range(arch.num_layers):
-        for m in modules:
-            in_f, out_f = module_shapes(arch)[m]
-            prefix = f"base_model.model.model.layers.{i}.{TARGET_MODULES[m]}.{m}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * scale
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * scale
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(modules),
-           "bias": "none", "use_dora": False, "modules_to_save": None, **config}
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-    return path
-
 
 def merged_hf(tiny_dir, adapter_dir: Path):
     """transformers' LlamaForCausalLM with W += scaling * B @ A merged by hand."""
@@ -247,7 +227,7 @@ def test_lru_three_adapters_two_slots(tiny_dir, adapters, hf_refs, prompts):
     names = ["full", "qv", "rs4", "full"]
     for name in names:  # one after the other: each use evicts the least recently used idle adapter
         assert_matches(hf_refs[name], gen(llm, prompts[:1], lr(adapters, name)), prompts[:1])
-    assert llm.engine.lora.stats.slot_evictions >= 2
+    assert llm.engine.metrics.values["lora_slot_evictions"] >= 2
     # All three at once with two slots: the third waits for a slot to unpin.
     loras = [lr(adapters, n) for n in ("full", "qv", "rs4")]
     outs = gen(llm, prompts, loras)

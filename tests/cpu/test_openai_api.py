@@ -13,9 +13,8 @@ import uuid
 import httpx
 import pytest
 
-from radixserve.cluster.backend import request_namespace
 from radixserve.engine import LLM, SamplingParams
-from radixserve.engine.cache.hashing import prompt_block_hashes
+from radixserve.engine.cache.hashing import cache_namespace, prompt_block_hashes, request_namespace
 from tests.cpu.openai_harness import MAX_LEN, MODEL, aborted, greedy, post_sse, unique_ids, wait_idle
 
 
@@ -312,11 +311,12 @@ def test_cache_salt_isolates(http, url):
     assert cached_tokens(http, url, prompt, cache_salt="s1") == 48  # 64 tokens: last block recomputed
 
 
-def test_request_namespace():
+def test_request_and_cache_namespace():
     assert request_namespace(None, None) == ()
     assert request_namespace("alice", None) == ("tenant:alice",)
-    assert request_namespace("alice", "x", "lora:a:12ab") == ("lora:a:12ab", "tenant:alice", "salt:x")
     assert request_namespace(None, "x") == ("salt:x",)
+    assert cache_namespace("lora:a:12ab", request_namespace("alice", "x")) == ("lora:a:12ab", "tenant:alice", "salt:x")
+    assert cache_namespace(None, ("tenant:alice",)) == ("tenant:alice",)
 
 
 # -- other endpoints ----------------------------------------------------------------------------------

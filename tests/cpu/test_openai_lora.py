@@ -10,9 +10,8 @@ from radixserve.cluster.openai_api.app import ServerConfig, build_app
 from radixserve.engine import LLM, AsyncLLMEngine, SamplingParams
 from radixserve.engine.lora.request import LoRARequest
 from radixserve.engine.model.hf_config import load_arch_config
+from tests.cpu.helpers import write_adapter
 from tests.cpu.openai_harness import serve, unique_ids
-
-from .test_lora import write_adapter
 
 MODEL = "tiny-llama"
 

@@ -8,8 +8,7 @@ from radixserve.cluster.routing_policy import ReplicaState, RouterConfig, Routin
 from radixserve.engine.cache.events import EventLog
 from radixserve.engine.cache.hashing import prompt_block_hashes
 from radixserve.engine.cache.kv_manager import KVCacheManager
-
-from .test_cpu_tier import run_seq
+from tests.cpu.helpers import run_seq
 
 
 def directory_with(events_by_replica: dict[str, EventLog]) -> CacheDirectory:

@@ -14,8 +14,6 @@ from radixserve.engine.core.scheduler_output import SchedulerOutput
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.protocol import ENGINE_TO_WORKER
 
-from .test_loader import mistral_dir  # noqa: F401  (GQA fixture: 1 KV head)
-
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
 LOGPROB_ATOL = 2e-4
 

@@ -13,7 +13,7 @@ from radixserve.kernels.block_copy import copy_blocks_ref, swap_blocks_ref
 from radixserve.kernels.paged_decode import paged_decode_attention_ref
 from radixserve.kernels.prefix_prefill import prefix_prefill_attention_ref
 from radixserve.kernels.reshape_and_cache import reshape_and_cache_ref
-from tests.cpu.test_kernels import assert_close, make_decode_case, make_prefill_case, run_decode, run_prefill
+from tests.cpu.kernel_cases import assert_close, make_decode_case, make_prefill_case, run_decode, run_prefill
 
 
 def _compiled_kernels_available() -> bool:

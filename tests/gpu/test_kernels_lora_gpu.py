@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from radixserve.kernels.lora_matmul import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
-from tests.cpu.test_kernels_lora import TOL, make_case
+from tests.cpu.kernel_cases import TOL, make_case
 
 
 def _compiled_kernels_available() -> bool:
