@@ -19,6 +19,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from radixserve.cluster.backend import Backend, BackendUnavailableError, GenerationStream
 from radixserve.cluster.metadata import get_metadata_actor
+from radixserve.cluster.metrics_merge import merge as merge_metrics
 from radixserve.cluster.openai_api.app import ServerConfig, build_app
 from radixserve.cluster.replica_wire import GenerateRequest, ReplicaInfo, decode_info, decode_item, encode_request
 from radixserve.engine.cache.hashing import cache_namespace, prompt_block_hashes
@@ -168,11 +169,9 @@ class ClusterBackend(Backend):
     async def metrics_text(self) -> str:
         actor = get_metadata_actor(self._app_name)
         replicas, routers = await actor.metrics.remote()
-        parts = []
-        for rid, text in sorted(replicas.items()):
-            parts.append(_label(text, f'replica="{rid}"'))
-        parts += [text for _, text in sorted(routers.items())]
-        return "".join(parts)
+        # One header per family, every replica's samples under it (valid Prometheus text).
+        return merge_metrics([(f'replica="{rid}"', text) for rid, text in sorted(replicas.items())]
+                             + [("", text) for _, text in sorted(routers.items())])
 
     async def health(self) -> bool:
         now = time.monotonic()
@@ -187,20 +186,6 @@ class ClusterBackend(Backend):
                 self._healthy = False
         return self._healthy
 
-
-def _label(text: str, label: str) -> str:
-    """Add a label to every sample line of an engine's Prometheus text."""
-    out = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            out.append(line)
-        elif "{" in line:
-            name, rest = line.split("{", 1)
-            out.append(f"{name}{{{label},{rest}")
-        else:
-            name, value = line.rsplit(" ", 1)
-            out.append(f"{name}{{{label}}} {value}")
-    return "\n".join(out) + "\n"
 
 
 @serve.ingress()

@@ -40,8 +40,20 @@ def fingerprint(model_dir: str, block_size: int) -> str:
     return f"{h.hexdigest()}:bs{block_size}:hash-v{HASH_SCHEME_VERSION}"
 
 
+def _log_to_stderr() -> None:
+    """The engine's INFO lines (the periodic stats line) reach the replica's log, as vLLM's do."""
+    logger = logging.getLogger("radixserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 class LLMServer:
     def __init__(self, engine_kwargs: dict[str, Any], publish_interval_s: float = 0.1):
+        _log_to_stderr()
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         cfg = engine_config(**engine_kwargs)

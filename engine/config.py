@@ -176,12 +176,15 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     device: str = knob("auto", "auto | cpu | cuda[:N] (auto: cuda if available, else cpu)")
     attention_backend: str = knob("auto", "auto | torch | triton (auto: triton on CUDA, torch elsewhere)")
+    log_stats_interval_s: float = knob(10.0, "seconds between the one-line stats log as vLLM prints it "
+                                             "(throughput, queue, KV usage, hit rates); 0 turns it off")
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _require(self.attention_backend in ("auto", "torch", "triton"),
                  f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        _require(self.log_stats_interval_s >= 0, f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s}")
 
     @classmethod
     def from_flat(cls, **kwargs: Any) -> EngineConfig:

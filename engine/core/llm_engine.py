@@ -12,7 +12,7 @@ from radixserve.engine.cache.hashing import cache_namespace, root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.cache.transfer import CacheTransferClient
 from radixserve.engine.config import EngineConfig
-from radixserve.engine.core.metrics import EngineMetrics
+from radixserve.engine.core.metrics import EngineMetrics, StatsLogger
 from radixserve.engine.core.output_processor import OutputProcessor
 from radixserve.engine.core.scheduler import Scheduler
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
@@ -46,7 +46,8 @@ class LLMEngine:
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
         check_host_memory(config)
-        self.metrics = EngineMetrics()  # shared: each component counts what it does
+        self.metrics = EngineMetrics(config.model.model)  # shared: each component counts what it does
+        self.stats_logger = StatsLogger(self.metrics, config.log_stats_interval_s)
         self.lora = None  # LoRAManager with enable_lora
         if config.lora.enable_lora:
             from radixserve.engine.lora.manager import LoRAManager
@@ -239,6 +240,7 @@ class LLMEngine:
         updated = self.scheduler.update(so, result)
         outputs = failed + self.outputs.process(updated, result.prompt_logprobs)
         self._record_step(time.perf_counter() - start)
+        self.stats_logger.maybe_log()
         return outputs
 
     def _send_transfers(self) -> None:

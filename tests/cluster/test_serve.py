@@ -90,6 +90,20 @@ def test_repeated_prefix_hits_cache_on_the_same_replica(cluster):
     wait_for(lambda: router_reasons(c).get("affinity", 0) >= 3)  # routers report every 0.5 s
 
 
+def test_cluster_metrics_are_valid_prometheus_text(cluster):
+    from prometheus_client.parser import text_string_to_metric_families
+    c = client(cluster)
+    for i in range(4):
+        complete(c, f"metrics from both replicas {i} " * 8)
+    wait_for(lambda: c.get("/metrics").text.count("radixserve:num_requests_running{") >= 2)
+    fams = list(text_string_to_metric_families(c.get("/metrics").text))
+    names = [f.name for f in fams]
+    assert len(names) == len(set(names)), "a family repeats its header"
+    running = next(f for f in fams if f.name == "vllm:num_requests_running")
+    assert len({s.labels["replica"] for s in running.samples}) == 2
+    assert all(s.labels["model_name"] == "tiny-llama" for s in running.samples)
+
+
 def test_eviction_makes_the_router_stop_preferring_a_replica(cluster):
     c = client(cluster)
     tok = LLM(str(cluster.model_dir), max_model_len=1024).get_tokenizer()
