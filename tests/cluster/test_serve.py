@@ -345,3 +345,48 @@ def test_redeploy_with_a_changed_argument_under_load(cluster):
     serve.delete("redeploy")
     kill_metadata_actor("redeploy")
     ray.get(ray.put(None))  # the cluster still answers
+
+
+def test_autoscaling_up_and_down_under_load_without_failures(cluster):
+    """Serve's autoscaling_config, as Ray Serve LLM users pass it: 1 -> 2 replicas under
+    load, back to 1 when idle, and no request fails on the way."""
+    import threading
+
+    from ray import serve
+
+    from radixserve.cluster.app import ClusterConfig, build_application
+    from radixserve.cluster.serve_cli import kill_metadata_actor
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+               "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 1}
+    serve.run(build_application(ClusterConfig(model="tiny-llama", deployment_config={"autoscaling_config": scaling},
+                                              engine={"cache_dir": cluster.cache_dir, "max_model_len": 512,
+                                                      "num_gpu_blocks": 64, "engine_worker_queue_port": 0,
+                                                      "cache_queue_port": 0})),
+              name="autoscale", route_prefix="/autoscale")
+
+    def replicas() -> int:
+        return serve.status().applications["autoscale"].deployments["LLMServer"].replica_states.get("RUNNING", 0)
+
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load(i: int):
+        with client(cluster, cluster.url + "/autoscale") as c:
+            while not stop.is_set() and len(codes) < 600:
+                codes.append(c.post("/v1/completions", json={"model": "tiny-llama", "prompt": f"scale {i} " * 20,
+                                                             "max_tokens": 16, "ignore_eos": True}).status_code)
+
+    workers = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
+    assert replicas() == 1
+    for w in workers:
+        w.start()
+    try:
+        wait_for(lambda: replicas() == 2, timeout=90, every=0.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+    wait_for(lambda: replicas() == 1, timeout=90, every=0.5)
+    assert codes and all(code == 200 for code in codes), sorted(set(codes))
+    serve.delete("autoscale")
+    kill_metadata_actor("autoscale")

@@ -163,3 +163,24 @@ def test_deployed_router_gets_the_engines_block_size():
     kwargs = llm._bound_deployment._deployment_config.request_router_config.request_router_kwargs
     assert RouterConfig(**kwargs) == RouterConfig.for_engine(engine_config(block_size=8, max_num_batched_tokens=512))
     assert (kwargs["block_size"], kwargs["step_tokens"]) == (8, 512)
+
+
+def test_ray_serve_deployment_options_as_ray_serve_llm_users_write_them():
+    pytest.importorskip("ray")
+    from radixserve.cluster.app import build_application
+    cfg = ClusterConfig(num_replicas="auto", runtime_env={"env_vars": {"A": "1"}},
+                        deployment_config={"ray_actor_options": {"memory": 10**9}, "max_ongoing_requests": 7})
+    llm = build_application(cfg)._bound_deployment.init_args[0]._bound_deployment
+    dc = llm._deployment_config
+    assert dc.autoscaling_config is not None and dc.max_ongoing_requests == 7  # "auto": Serve's autoscaling
+    assert llm.ray_actor_options["memory"] == 10**9 and llm.ray_actor_options["num_cpus"] == 0.5
+    assert llm.ray_actor_options["runtime_env"] == {"env_vars": {"A": "1"}}
+    scaled = ClusterConfig(deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}})
+    dc = build_application(scaled)._bound_deployment.init_args[0]._bound_deployment._deployment_config
+    assert (dc.autoscaling_config.min_replicas, dc.autoscaling_config.max_replicas) == (1, 3)
+    with pytest.raises(ValueError, match="'auto'"):
+        ClusterConfig(num_replicas="many")
+    with pytest.raises(ValueError, match="placement_group_bundles"):
+        ClusterConfig(deployment_config={"placement_group_bundles": [{"CPU": 1}]})
+    args = ClusterConfig.from_args({"num_replicas": "auto", "deployment_config": {"max_ongoing_requests": 3}})
+    assert args.num_replicas == "auto" and args.deployment_config == {"max_ongoing_requests": 3}
