@@ -22,6 +22,15 @@ from radixserve.cluster.replica import LLMServer
 from radixserve.cluster.request_router import PrefixAffinityRouter
 
 
+def _user_options(cfg: ClusterConfig, ours: dict[str, Any]) -> dict[str, Any]:
+    """deployment_config and runtime_env over our defaults; ray_actor_options merge key by key."""
+    user = dict(cfg.deployment_config)
+    actor = {**ours, **user.pop("ray_actor_options", {})}
+    if cfg.runtime_env is not None:
+        actor["runtime_env"] = {**actor.get("runtime_env", {}), **cfg.runtime_env}
+    return {**user, "ray_actor_options": actor}
+
+
 def build_application(cfg: ClusterConfig):
     import torch
     use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
@@ -41,14 +50,19 @@ def build_application(cfg: ClusterConfig):
         options["autoscaling_config"] = cfg.autoscaling
     else:
         options["num_replicas"] = cfg.num_replicas
+    options.update(_user_options(cfg, options["ray_actor_options"]))
+    if "autoscaling_config" in options:
+        options.pop("num_replicas", None)  # Serve takes one or the other
     llm = serve.deployment(LLMServer).options(**options).bind(engine_kwargs)
     server = {"served_model_name": cfg.served_model_name, "api_keys": cfg.api_keys,
+              "allowed_origins": tuple(cfg.allowed_origins), "allowed_methods": tuple(cfg.allowed_methods),
+              "allowed_headers": tuple(cfg.allowed_headers), "allow_credentials": cfg.allow_credentials,
               "return_request_id_header": False}
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1000)
     lora_rank = engine.lora.max_lora_rank if engine.lora.enable_lora else None
-    return ingress.bind(llm, cfg.model, engine.model.cache_dir, server, lora_rank)
+    return ingress.bind(llm, asdict(engine.model), server, lora_rank)
 
 
 def build_app(args: dict[str, Any]):

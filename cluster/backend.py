@@ -19,7 +19,8 @@ Contract of ``Backend.generate``:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 from radixserve.engine.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError
 from radixserve.engine.entrypoints.outputs import RequestOutput
@@ -74,6 +75,16 @@ class Backend(ABC):
         adapters (a backend with LoRA support overrides this)."""
         return [self.model_name]
 
+    @property
+    def default_sampling(self) -> Mapping[str, Any]:
+        """Sampling defaults for fields a request leaves unset (the model's generation_config.json)."""
+        return {}
+
+    @property
+    def model_root(self) -> str:
+        """Where the model lives (its local HF directory): /v1/models reports it as ``root``."""
+        return self.model_name
+
     @abstractmethod
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        namespace: tuple[str, ...], prompt_text: str | None,
@@ -124,6 +135,14 @@ class LocalBackend(Backend):
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    @property
+    def default_sampling(self) -> Mapping[str, Any]:
+        return self.engine.engine.default_sampling
+
+    @property
+    def model_root(self) -> str:
+        return str(self.engine.engine.model_dir)
 
     @property
     def max_model_len(self) -> int:

@@ -1,7 +1,13 @@
 """Batch inference as a Ray job, sharded by prefix affinity, resumable.
 
-    ray job submit --working-dir . -- python -m radixserve.cluster.batch in.jsonl out.jsonl --model tiny-llama
-    python -m radixserve.cluster.batch in.jsonl out.jsonl --num-engines 2        # local Ray
+    ray job submit --address http://127.0.0.1:8265 -- \
+        python -m radixserve.cluster.batch /data/in.jsonl /data/out.jsonl --model smollm2   # on a cluster
+    python -m radixserve.cluster.batch in.jsonl out.jsonl --num-engines 2        # a new local Ray
+
+On a cluster every node needs radixserve installed (no working_dir upload is
+needed), and the output path is a path on the node the job's driver runs on
+(the head): relative paths resolve against the driver's directory, and inside
+an uploaded working_dir they are refused, since Ray deletes that copy.
 
 Input rows: {"id": ..., "prompt": "..."} or {"messages": [...]} or
 {"prompt_token_ids": [...]}, optionally with sampling fields ("max_tokens",
@@ -148,23 +154,51 @@ def result_row(out) -> dict:
     return row
 
 
+def output_path(given: str) -> Path:
+    """The output file, absolute. A relative path inside a Ray job's uploaded working
+    directory would land in Ray's temporary copy of it and vanish with the job: refused."""
+    path = Path(given).expanduser()
+    if not path.is_absolute() and "runtime_resources" in Path.cwd().parts:
+        raise ValueError(f"output {given!r} is relative, and this runs in a Ray job's temporary working "
+                         f"directory ({Path.cwd()}), which is deleted after the job: give an absolute path "
+                         "on the node, or a directory every node shares")
+    return path.resolve()
+
+
+def connect_ray(address: str | None, num_cpus: int) -> None:
+    """Join the cluster this job belongs to, else start a fresh local Ray of our own.
+
+    ``ray job submit`` sets RAY_ADDRESS for its entrypoint; ``--ray-address`` names a
+    cluster by hand. With neither, ``address="local"`` always starts a new local Ray, even
+    when another one runs on this machine (a plain ``ray.init()`` would join that one
+    and then refuse ``num_cpus``).
+    """
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
 def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
     import ray
     from tqdm import tqdm
 
     from radixserve.engine.model.default_models import resolve_model
-    from radixserve.engine.tokenizer import Tokenizer
-    in_path, out_path = Path(args.input), Path(args.output)
+    from radixserve.engine.tokenizer import load_tokenizer
+    in_path, out_path = Path(args.input), output_path(args.output)
+    print(f"batch: writing {out_path}", file=sys.stderr, flush=True)
     done = read_done(out_path)
     engine = EngineConfig.from_flat(**engine_kwargs)  # a bad flag fails before Ray starts
-    model_dir = resolve_model(engine.model.model, engine.model.cache_dir)
-    tokenizer = Tokenizer(model_dir)
+    model_dir = resolve_model(engine.model.model, engine.model.cache_dir, engine.model.revision)
+    tokenizer = load_tokenizer(engine.model, model_dir)
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     rows = load_rows(in_path, tokenizer, defaults, done)
     shards = shard_by_prefix(rows, args.num_engines, engine.cache.block_size)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS")
-                 else max(2, args.num_engines), include_dashboard=False)
+    connect_ray(args.ray_address, max(2, args.num_engines))
     Engine = make_engine_actor()
     actors = [Engine.options(num_cpus=args.cpus_per_engine).remote(engine_kwargs) for _ in shards]
     streams = [a.run.options(num_returns="streaming").remote(
@@ -207,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-engine", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster to use (default: $RAY_ADDRESS inside `ray job submit`, "
+                        "else a new local Ray)")
     add_engine_flags(p)
     args = p.parse_args(argv)
     kwargs = {"model": args.model, **engine_kwargs(args)}

@@ -15,24 +15,39 @@ from typing import Any
 from radixserve.cluster.routing_policy import POLICIES, RouterConfig
 from radixserve.engine.config import EngineConfig, ModelConfig, engine_flags
 
+# LLMServer options a deployment_config may not override: they place the replica and its workers.
+_OWNED_OPTIONS = {"name", "placement_group_bundles", "placement_group_strategy", "request_router_config"}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     model: str = ModelConfig.model
-    num_replicas: int = 1
+    num_replicas: int | str = 1  # or "auto": Serve's default autoscaling
     router: str = "prefix_affinity"
     api_keys: dict[str, str] | None = None  # API key -> tenant; None = open
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None  # several: the first is reported, all accepted
+    allowed_origins: tuple[str, ...] = ()  # CORS (none by default; ("*",) allows any origin)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
     max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
     autoscaling: dict | None = None  # Serve autoscaling_config (then num_replicas is ignored)
+    # Ray Serve LLM's shape: LLMServer deployment options (autoscaling_config, max_ongoing_requests,
+    # ray_actor_options, health checks, ...) applied over ours; placement is ours to decide.
+    deployment_config: dict = field(default_factory=dict)
+    runtime_env: dict | None = None  # Ray runtime_env of every replica (env_vars, pip, ...)
     replica_cpus: float = 0.5  # CPU resources per bundle (replica and each TP worker)
     use_gpu: bool | None = None  # None: use GPUs when the node has them
     router_kwargs: dict = field(default_factory=dict)  # RouterConfig overrides (not block_size/step_tokens)
     engine: dict = field(default_factory=dict)  # engine options (engine_flags()) other than model
 
     def __post_init__(self) -> None:
-        if self.num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.num_replicas != "auto" and not (isinstance(self.num_replicas, int) and self.num_replicas >= 1):
+            raise ValueError(f"num_replicas must be an int >= 1 or 'auto', got {self.num_replicas!r}")
+        owned = sorted(set(self.deployment_config) & _OWNED_OPTIONS)
+        if owned:
+            raise ValueError(f"deployment_config may not set {owned}: radixserve places replicas and their "
+                             "TP workers itself (use replica_cpus / use_gpu)")
         if self.router not in POLICIES:
             raise ValueError(f"router must be one of {', '.join(POLICIES)}, got {self.router!r}")
         self.router_config()  # validates the engine options too: fail here, not on a replica

@@ -19,16 +19,18 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from radixserve.cluster.backend import Backend, BackendUnavailableError, GenerationStream
 from radixserve.cluster.metadata import get_metadata_actor
+from radixserve.cluster.metrics_merge import merge as merge_metrics
 from radixserve.cluster.openai_api.app import ServerConfig, build_app
 from radixserve.cluster.replica_wire import GenerateRequest, ReplicaInfo, decode_info, decode_item, encode_request
 from radixserve.engine.cache.hashing import cache_namespace, prompt_block_hashes
+from radixserve.engine.config import ModelConfig
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.lora.adapter import read_adapter
 from radixserve.engine.lora.manager import adapter_namespace
 from radixserve.engine.model.default_models import resolve_model
-from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.model.hf_config import generation_defaults, load_arch_config
 from radixserve.engine.sampling_params import SamplingParams
-from radixserve.engine.tokenizer import Tokenizer
+from radixserve.engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 _RETRIES = 3  # attempts for a request whose replica vanished before answering
@@ -67,9 +69,11 @@ class ClusterStream(GenerationStream):
 
 class ClusterBackend(Backend):
     def __init__(self, handle, info: ReplicaInfo, tokenizer: Tokenizer, model_name: str,
-                 lora_reader=None):
+                 lora_reader=None, default_sampling: dict | None = None, model_root: str | None = None):
         """``lora_reader(path)`` validates an adapter directory and returns its
         content hash (None: the replicas serve no LoRA)."""
+        self._default_sampling = dict(default_sampling or {})
+        self._model_root = model_root or model_name
         self._handle = handle.options(stream=True)
         self._info = info
         self._tokenizer = tokenizer
@@ -83,6 +87,14 @@ class ClusterBackend(Backend):
     @property
     def tokenizer(self) -> Tokenizer:
         return self._tokenizer
+
+    @property
+    def default_sampling(self) -> dict:
+        return self._default_sampling
+
+    @property
+    def model_root(self) -> str:
+        return self._model_root
 
     @property
     def max_model_len(self) -> int:
@@ -157,11 +169,9 @@ class ClusterBackend(Backend):
     async def metrics_text(self) -> str:
         actor = get_metadata_actor(self._app_name)
         replicas, routers = await actor.metrics.remote()
-        parts = []
-        for rid, text in sorted(replicas.items()):
-            parts.append(_label(text, f'replica="{rid}"'))
-        parts += [text for _, text in sorted(routers.items())]
-        return "".join(parts)
+        # One header per family, every replica's samples under it (valid Prometheus text).
+        return merge_metrics([(f'replica="{rid}"', text) for rid, text in sorted(replicas.items())]
+                             + [("", text) for _, text in sorted(routers.items())])
 
     async def health(self) -> bool:
         now = time.monotonic()
@@ -177,36 +187,24 @@ class ClusterBackend(Backend):
         return self._healthy
 
 
-def _label(text: str, label: str) -> str:
-    """Add a label to every sample line of an engine's Prometheus text."""
-    out = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            out.append(line)
-        elif "{" in line:
-            name, rest = line.split("{", 1)
-            out.append(f"{name}{{{label},{rest}")
-        else:
-            name, value = line.rsplit(" ", 1)
-            out.append(f"{name}{{{label}}} {value}")
-    return "\n".join(out) + "\n"
-
 
 @serve.ingress()
 class OpenAIIngress:
-    async def __init__(self, llm_handle, model: str, cache_dir: str | None = None,
-                       server: dict | None = None, max_lora_rank: int | None = None):
-        """``max_lora_rank`` set: the replicas serve LoRA adapters (validated here first)."""
-        model_dir = resolve_model(model, cache_dir)
-        self.tokenizer = Tokenizer(model_dir)
+    async def __init__(self, llm_handle, model: dict, server: dict | None = None,
+                       max_lora_rank: int | None = None):
+        """``model``: the engine's ModelConfig fields, so the ingress tokenizes exactly as the
+        replicas do; ``max_lora_rank`` set: the replicas serve LoRA adapters (validated here first)."""
+        mcfg = ModelConfig(**model)
+        model_dir = resolve_model(mcfg.model, mcfg.cache_dir, mcfg.revision)
+        self.tokenizer = load_tokenizer(mcfg, model_dir)
         info = decode_info(await llm_handle.get_info.remote())
         self.config = ServerConfig(**(server or {}))
-        name = self.config.served_model_name or model
         reader = None
         if max_lora_rank is not None:
             arch = load_arch_config(model_dir)
             reader = lambda path: read_adapter(path, arch, max_lora_rank).content_hash  # noqa: E731
-        self.backend = ClusterBackend(llm_handle, info, self.tokenizer, name, reader)
+        self.backend = ClusterBackend(llm_handle, info, self.tokenizer, mcfg.model, reader,
+                                      generation_defaults(model_dir, mcfg.generation_config), str(model_dir))
 
     def __serve_build_asgi_app__(self):
         return build_app(self.backend, self.config)

@@ -262,6 +262,11 @@ def make_actor_class():
         def register(self, replica: str, fingerprint: str) -> None:
             self.dir.register(replica, fingerprint)
 
+        def ensure_registered(self, replica: str, fingerprint: str) -> None:
+            """Register a replica this actor does not know (it restarted, or missed the first call)."""
+            if replica not in self.dir.replicas:
+                self.dir.register(replica, fingerprint)
+
         def push(self, replica: str, batch: bytes, metrics_text: str = "",
                  load: tuple[int, float] = (0, 0.0)) -> bool:
             return self.dir.push(replica, decode_batch(batch), metrics_text, load)
@@ -308,10 +313,19 @@ def make_actor_class():
 
 
 def get_metadata_actor(app_name: str, stale_after_s: float = 30.0):
-    """The application's named metadata actor, created on first use by whoever gets there first."""
+    """The application's named metadata actor, created on first use by whoever gets there first.
+
+    Its creator is usually a replica running in its own placement group, which Ray would
+    let the actor inherit: then removing that replica (a redeploy, a rolling update)
+    leaves the actor restarting on a bundle that no longer exists. Scheduling it outside
+    any placement group keeps it independent of every replica.
+    """
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     cls = make_actor_class()
     return cls.options(name=actor_name(app_name), namespace=ACTOR_NAMESPACE, get_if_exists=True,
-                       lifetime="detached").remote(stale_after_s)
+                       lifetime="detached",
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
+                       ).remote(stale_after_s)
 
 
 # -- msgpack payloads (everything between actors travels as msgpack bytes) -------------------

@@ -40,8 +40,28 @@ def fingerprint(model_dir: str, block_size: int) -> str:
     return f"{h.hexdigest()}:bs{block_size}:hash-v{HASH_SCHEME_VERSION}"
 
 
+def _log_to_stderr() -> None:
+    """The engine's INFO lines (the periodic stats line) reach the replica's log, as vLLM's do."""
+    logger = logging.getLogger("radixserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+_METADATA_TIMEOUT_S = 10.0
+
+
+async def _bounded(ref, timeout_s: float = _METADATA_TIMEOUT_S):
+    """Await a metadata-actor call for at most ``timeout_s`` (TimeoutError after)."""
+    return await asyncio.wait_for(ref, timeout_s)
+
+
 class LLMServer:
     def __init__(self, engine_kwargs: dict[str, Any], publish_interval_s: float = 0.1):
+        _log_to_stderr()
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         cfg = engine_config(**engine_kwargs)
@@ -59,11 +79,24 @@ class LLMServer:
                                 fingerprint(str(core.model_dir), core.block_size),
                                 ray.get_runtime_context().get_node_id(), os.getpid())
         self.metadata = get_metadata_actor(ctx.app_name)
-        ray.get(self.metadata.register.remote(self.replica_id, self.info.fingerprint))
+        self._registered = self._register(ray)
         self.publish_interval_s = publish_interval_s
         self._publisher: asyncio.Task | None = None
         self._adapters_version = -1  # the registry version this replica last converged to
         self._adapter_errors: dict[str, str] = {}
+
+    def _register(self, ray) -> bool:
+        """Join the cache directory, waiting a bounded time: a replica never blocks on it. A
+        fingerprint mismatch still fails loudly; an unreachable actor only costs affinity
+        until the publisher's next attempt succeeds."""
+        try:
+            ray.get(self.metadata.register.remote(self.replica_id, self.info.fingerprint),
+                    timeout=_METADATA_TIMEOUT_S)
+            return True
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            log.warning("the cache metadata actor did not answer in %.0f s; serving without prefix "
+                        "affinity until it does", _METADATA_TIMEOUT_S)
+            return False
 
     def _ensure_publisher(self) -> None:
         if self._publisher is None or self._publisher.done():
@@ -75,10 +108,14 @@ class LLMServer:
                 batch, load = await self.engine.call(  # wall clock: routers compare it across nodes
                     lambda e: (e.events.drain(), (e.scheduler.pending_prefill_tokens(), time.time())))
                 text = self.engine.engine.metrics.render()
-                ok = await self.metadata.push.remote(self.replica_id, encode_batch(batch), text, load)
-                if not ok:  # the actor missed events (or just met us): send the whole state
+                ok = await _bounded(self.metadata.push.remote(self.replica_id, encode_batch(batch), text, load))
+                if not ok:  # the actor missed events, restarted, or never met us: send the whole state
+                    await _bounded(self.metadata.ensure_registered.remote(self.replica_id, self.info.fingerprint))
                     snap = await self.engine.call(lambda e: e.snapshot())
-                    await self.metadata.push_snapshot.remote(self.replica_id, encode_snapshot(snap))
+                    await _bounded(self.metadata.push_snapshot.remote(self.replica_id, encode_snapshot(snap)))
+                    if not self._registered:
+                        log.info("joined the cache metadata actor; prefix affinity is back")
+                        self._registered = True
                 if self.engine.engine.lora is not None:
                     await self._sync_adapters()
             except Exception:

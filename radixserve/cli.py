@@ -31,16 +31,28 @@ def _flag_kind(tp: Any) -> tuple[Any, str | None]:
     return (_bool if tp is bool else tp), None
 
 
+# Short spellings vLLM users type.
+_ALIASES = {"tensor_parallel_size": ("-tp",)}
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """One flag per engine config field (``block_size`` -> ``--block-size``): type, default and
-    help all come from the dataclasses in radixserve/engine/config.py."""
+    help all come from the dataclasses in radixserve/engine/config.py. A boolean works as vLLM's
+    do: ``--enable-prefix-caching`` alone is true, ``--no-enable-prefix-caching`` false, and an
+    explicit ``--enable-prefix-caching false`` still parses."""
     from radixserve.engine.config import engine_flags
     for f in engine_flags().values():
         kind, nargs = _flag_kind(f.type)
-        metavar = f.metavar or ("BOOL" if kind is _bool else None)
+        flag = "--" + f.name.replace("_", "-")
         shown = "" if f.default in (None, ()) else f" (default: {f.default})"  # help says what unset means
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs=nargs, default=f.default,
-                       metavar=metavar, help=f.help + shown)
+        if kind is _bool:
+            p.add_argument(flag, type=_bool, nargs="?", const=True, default=f.default, metavar="BOOL",
+                           help=f.help + shown)
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                           help=argparse.SUPPRESS)
+            continue
+        p.add_argument(flag, *_ALIASES.get(f.name, ()), type=kind, nargs=nargs, default=f.default,
+                       metavar=f.metavar, help=f.help + shown)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,9 +113,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "system", "content": args.system})
     params = sampling_params(args)
     with LLM(args.model, **engine_kwargs(args)) as llm:
-        print("radixserve chat: type a message, '/reset' to clear history, '/exit' or EOF to quit.",
-              file=sys.stderr)
-        for line in sys.stdin:
+        if args.message:  # one-shot: answer these turns in one conversation, then exit
+            lines = list(args.message)
+        else:
+            print("radixserve chat: type a message, '/reset' to clear history, '/exit' or EOF to quit.",
+                  file=sys.stderr)
+            lines = sys.stdin
+        for line in lines:
             text = line.strip()
             if text in ("/exit", "/quit"):
                 break
@@ -163,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(g)
     add_sampling_flags(g)
     g.set_defaults(fn=cmd_generate)
-    c = sub.add_parser("chat", help="interactive chat that keeps history")
+    c = sub.add_parser("chat", help="chat that keeps history: the messages given, or interactively")
+    c.add_argument("message", nargs="*", help="user turns to answer in order, then exit (default: read stdin)")
     c.add_argument("--system", default=None, help="system prompt")
     add_engine_flags(c)
     add_sampling_flags(c)

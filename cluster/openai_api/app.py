@@ -15,13 +15,16 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from radixserve import __version__
 from radixserve.cluster.backend import Backend
 from radixserve.cluster.openai_api.protocol import (
     ChatCompletionRequest,
@@ -75,7 +78,8 @@ _CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it
 class ServerConfig:
     """How the HTTP layer behaves; validated at construction.
 
-    served_model_name: the name clients use for the base model (None: the backend's model_name).
+    served_model_name: the name (or names, the first reported) clients use for the base
+        model (None: the backend's model_name), as vLLM's --served-model-name.
     api_keys: None for an open server, else API key -> tenant name; each tenant's
         requests hash their prompts in their own cache namespace.
     max_model_len: cap on prompt + completion tokens (None: the backend's; never above it).
@@ -83,19 +87,35 @@ class ServerConfig:
     return_request_id_header: send x-request-id (the response id); Ray Serve's proxy adds
         its own x-request-id to every response, so behind Serve this may be turned off.
     disconnect_poll_s: how often a non-streaming request checks whether its client left.
+    allowed_origins / allowed_methods / allowed_headers / allow_credentials: CORS, as vLLM's
+        flags. No origin is allowed by default (the server binds loopback; a web page the
+        user visits must not be able to call it); ``("*",)`` allows any.
     """
 
-    served_model_name: str | None = None
+    served_model_name: str | tuple[str, ...] | None = None
     api_keys: Mapping[str, str] | None = None
     max_model_len: int | None = None
     return_replica_header: bool = True
     return_request_id_header: bool = True
     disconnect_poll_s: float = 0.1
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
-        if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
-                                                       and self.served_model_name.strip()):
-            raise ValueError(f"served_model_name must be a non-empty string, got {self.served_model_name!r}")
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        names = self.served_model_name
+        if isinstance(names, (list, tuple)):
+            object.__setattr__(self, "served_model_name", tuple(names) or None)
+            names = self.served_model_name
+        for name in (names,) if isinstance(names, str) else (names or ()):
+            if not (isinstance(name, str) and name.strip()):
+                raise ValueError(f"served_model_name must be non-empty strings, got {self.served_model_name!r}")
         if self.api_keys is not None:
             self._check_api_keys(self.api_keys)
             # A private copy, so the caller's dict can change without changing us; a
@@ -105,6 +125,10 @@ class ServerConfig:
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
         if not (isinstance(self.disconnect_poll_s, (int, float)) and 0 < self.disconnect_poll_s <= 10):
             raise ValueError(f"disconnect_poll_s must be in (0, 10], got {self.disconnect_poll_s!r}")
+
+    def served_names(self) -> tuple[str, ...]:
+        names = self.served_model_name
+        return (names,) if isinstance(names, str) else (names or ())
 
     @staticmethod
     def _check_api_keys(keys: Mapping[str, str]) -> None:
@@ -129,6 +153,10 @@ def build_app(backend: Backend | None, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)
+    # Always installed, so a preflight OPTIONS gets an answer (400 for an origin not allowed).
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                       allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
+                       allow_credentials=config.allow_credentials)
     _add_routes(app)
     return app
 
@@ -210,15 +238,20 @@ async def tenant_of(request: Request) -> str | None:
     return tenant
 
 
+def _base_names(request: Request) -> tuple[str, ...]:
+    """Every name of the base model, the reported one first."""
+    return _config(request).served_names() or (_backend(request).model_name,)
+
+
 def _base_name(request: Request) -> str:
-    return _config(request).served_model_name or _backend(request).model_name
+    return _base_names(request)[0]
 
 
 def _resolve_model(request: Request, requested: str | None) -> tuple[str, str | None]:
     """(name to report, LoRA adapter or None); an unknown name is a 404."""
-    backend, base = _backend(request), _base_name(request)
-    if requested is None or requested in (base, backend.model_name):
-        return base, None
+    backend, names = _backend(request), _base_names(request)
+    if requested is None or requested in (*names, backend.model_name):
+        return names[0], None
     if requested in backend.model_names():
         return requested, requested
     raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
@@ -242,11 +275,12 @@ def _headers(request: Request, rid: str, replicas: list[str]) -> dict[str, str]:
     return headers
 
 
-def _encode_chat(tok: Tokenizer, messages: list[dict[str, str]],
-                 add_generation_prompt: bool) -> tuple[list[int], str]:
+def _encode_chat(tok: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool,
+                 template_kwargs: dict[str, Any] | None = None) -> tuple[list[int], str]:
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except (jinja2.TemplateError, ValueError) as exc:
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                       **(template_kwargs or {}))
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise RequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
     # The template wrote BOS itself, so the tokenizer must not add another.
     return tok.encode(text, add_special_tokens=False), text
@@ -261,9 +295,16 @@ def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
         if not ids or text == "":  # "" may still encode to a lone BOS
             raise RequestError("the prompt is empty", param="prompt")
         _check_vocab(tok, ids)
-        max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), limit, "prompt")
-        jobs.append(Job(ids, text, completion_sampling_params(body, max_tokens), f"{rid}-{i}", namespace, lora))
+        max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), limit, "prompt")
+        params = completion_sampling_params(body, max_tokens, _backend(request).default_sampling)
+        jobs.append(Job(ids, text, params, f"{rid}-{i}", namespace, lora))
     return jobs
+
+
+def _requested_max_tokens(request: Request, body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """The request's own limit, else the model's generation_config max_new_tokens, else None (the rest)."""
+    asked = body.requested_max_tokens
+    return asked if asked is not None else _backend(request).default_sampling.get("max_tokens")
 
 
 def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
@@ -277,11 +318,14 @@ def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
 def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...],
               lora: str | None) -> Job:
     tok = _backend(request).tokenizer
-    ids, text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt is not False)
+    ids, text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt is not False,
+                             body.chat_template_kwargs)
     if not ids:
         raise RequestError("the rendered chat prompt is empty", param="messages")
-    max_tokens = resolve_max_tokens(body.requested_max_tokens, len(ids), _max_model_len(request), "messages")
-    return Job(ids, text, chat_sampling_params(body, max_tokens), f"{rid}-0", namespace, lora)
+    max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), _max_model_len(request),
+                                    "messages")
+    params = chat_sampling_params(body, max_tokens, _backend(request).default_sampling)
+    return Job(ids, text, params, f"{rid}-0", namespace, lora)
 
 
 async def _prepare(request: Request, body: CompletionRequest | ChatCompletionRequest,
@@ -303,6 +347,9 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
+    app.add_api_route("/version", version, methods=["GET"])
+    app.add_api_route("/ping", ping, methods=["GET", "POST"])
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
@@ -360,7 +407,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request,
                             _: str | None = Depends(tenant_of)) -> PlainTextResponse:
     """Load (or reload with new weights) an adapter on every replica; 400 for a bad one."""
-    if body.lora_name in (_base_name(request), _backend(request).model_name):
+    if body.lora_name in (*_base_names(request), _backend(request).model_name):
         raise APIError(400, f"'{body.lora_name}' is the base model's name", param="lora_name")
     try:
         await _backend(request).load_adapter(body.lora_name, body.lora_path)
@@ -379,14 +426,36 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request,
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+def _model_cards(request: Request) -> list[ModelCard]:
+    """The base model under each served name, then each LoRA adapter. ``root`` is the model's
+    local directory, so a client can load the tokenizer from it."""
     backend, base, created = _backend(request), _base_name(request), int(time.time())
-    limit = _max_model_len(request)
-    cards = [ModelCard(id=base, created=created, root=backend.model_name, max_model_len=limit)]
+    limit, names = _max_model_len(request), _base_names(request)
+    cards = [ModelCard(id=n, created=created, root=backend.model_root, max_model_len=limit) for n in names]
     for name in backend.model_names():
-        if name not in (base, backend.model_name):
+        if name not in (*names, backend.model_name):
             cards.append(ModelCard(id=name, created=created, root=name, parent=base, max_model_len=limit))
-    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+    return cards
+
+
+async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+    return JSONResponse(ModelList(data=_model_cards(request)).model_dump(mode="json"))
+
+
+async def get_model(model_id: str, request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+    card = next((c for c in _model_cards(request) if c.id == model_id), None)
+    if card is None:
+        raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+    return JSONResponse(card.model_dump(mode="json"))
+
+
+async def version(_: Request) -> JSONResponse:
+    return JSONResponse({"version": __version__})
+
+
+async def ping(request: Request) -> Response:
+    """vLLM's /ping (SageMaker's health route): /health under another name."""
+    return await health(request)
 
 
 async def tokenize(body: TokenizeRequest, request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:

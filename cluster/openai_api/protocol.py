@@ -9,7 +9,7 @@ stop_token_ids, skip_special_tokens, include_stop_str_in_output, cache_salt,
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
@@ -87,6 +87,7 @@ class _GenerationRequest(_Model):
     prompt_logprobs: Any = None
     use_beam_search: Any = None
     return_tokens_as_token_ids: Any = None
+    priority: Any = None
 
     @property
     def wants_stream(self) -> bool:
@@ -118,7 +119,7 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
-    chat_template_kwargs: dict[str, Any] | None = None  # accepted, ignored
+    chat_template_kwargs: dict[str, Any] | None = None  # reach the chat template (enable_thinking, ...)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -179,6 +180,8 @@ _UNSUPPORTED: dict[str, _Rule] = {
     "prompt_logprobs": (_is_none, "prompt_logprobs is not supported; use echo with logprobs"),
     "use_beam_search": (_is_falsy, "beam search is not supported"),
     "return_tokens_as_token_ids": (_is_falsy, "return_tokens_as_token_ids is not supported"),
+    "priority": (_is_falsy, "priority is not supported: requests are scheduled first come, first served "
+                            "(send 0 or leave it out)"),
 }
 _UNSUPPORTED_COMPLETION: dict[str, _Rule] = {
     "suffix": (_is_falsy, "suffix is not supported"),
@@ -253,12 +256,14 @@ def _or(value: Any, default: Any) -> Any:
 
 
 def _sampling_params(req: _GenerationRequest, max_tokens: int, logprobs: int | None,
-                     prompt_logprobs: int | None) -> SamplingParams:
+                     prompt_logprobs: int | None, defaults: Mapping[str, Any]) -> SamplingParams:
+    """``defaults``: the model's generation_config values, for the fields the request left unset."""
+    d = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, **defaults}
     try:
         return SamplingParams(
-            n=_or(req.n, 1), best_of=req.best_of, temperature=_or(req.temperature, 1.0),
-            top_p=_or(req.top_p, 1.0), top_k=_or(req.top_k, 0), min_p=_or(req.min_p, 0.0),
-            seed=req.seed, repetition_penalty=_or(req.repetition_penalty, 1.0),
+            n=_or(req.n, 1), best_of=req.best_of, temperature=_or(req.temperature, d["temperature"]),
+            top_p=_or(req.top_p, d["top_p"]), top_k=_or(req.top_k, d["top_k"]), min_p=_or(req.min_p, d["min_p"]),
+            seed=req.seed, repetition_penalty=_or(req.repetition_penalty, d["repetition_penalty"]),
             presence_penalty=_or(req.presence_penalty, 0.0),
             frequency_penalty=_or(req.frequency_penalty, 0.0), stop=req.stop,
             stop_token_ids=req.stop_token_ids, ignore_eos=_or(req.ignore_eos, False),
@@ -270,20 +275,22 @@ def _sampling_params(req: _GenerationRequest, max_tokens: int, logprobs: int | N
         raise RequestError(str(exc)) from exc
 
 
-def completion_sampling_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
+def completion_sampling_params(req: CompletionRequest, max_tokens: int,
+                               defaults: Mapping[str, Any] | None = None) -> SamplingParams:
     # echo + logprobs scores the prompt too (legacy OpenAI), so ask for prompt logprobs.
     prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-    return _sampling_params(req, max_tokens, req.logprobs, prompt_lp)
+    return _sampling_params(req, max_tokens, req.logprobs, prompt_lp, defaults or {})
 
 
-def chat_sampling_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def chat_sampling_params(req: ChatCompletionRequest, max_tokens: int,
+                         defaults: Mapping[str, Any] | None = None) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise RequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
         raise RequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
                            param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _sampling_params(req, max_tokens, logprobs, None)
+    return _sampling_params(req, max_tokens, logprobs, None, defaults or {})
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int,

@@ -12,7 +12,7 @@ from radixserve.engine.cache.hashing import cache_namespace, root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.cache.transfer import CacheTransferClient
 from radixserve.engine.config import EngineConfig
-from radixserve.engine.core.metrics import EngineMetrics
+from radixserve.engine.core.metrics import EngineMetrics, StatsLogger
 from radixserve.engine.core.output_processor import OutputProcessor
 from radixserve.engine.core.scheduler import Scheduler
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
@@ -22,9 +22,9 @@ from radixserve.engine.executor.base import Executor, UniprocExecutor, WorkerFai
 from radixserve.engine.executor.protocol import TransferTask, WorkerSpec
 from radixserve.engine.lora.request import LoRARequest
 from radixserve.engine.model.default_models import resolve_model
-from radixserve.engine.model.hf_config import load_arch_config
+from radixserve.engine.model.hf_config import generation_defaults, load_arch_config
 from radixserve.engine.sampling_params import SamplingParams
-from radixserve.engine.tokenizer import Tokenizer
+from radixserve.engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,17 @@ class LLMEngine:
         self.launcher = launcher
         self.engine_id = engine_id or uuid.uuid4().hex[:12]
         self.dead: str | None = None  # set when the workers could not be restarted
-        self.model_dir = resolve_model(config.model.model, config.model.cache_dir)
+        self.model_dir = resolve_model(config.model.model, config.model.cache_dir, config.model.revision)
         self.arch = load_arch_config(self.model_dir)
-        self.tokenizer = Tokenizer(self.model_dir, extra_eos_token_ids=list(self.arch.eos_token_ids))
+        self.tokenizer = load_tokenizer(config.model, self.model_dir)
+        # Request defaults for fields a request leaves unset (the model's generation_config.json).
+        self.default_sampling = generation_defaults(self.model_dir, config.model.generation_config)
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
         check_host_memory(config)
-        self.metrics = EngineMetrics()  # shared: each component counts what it does
+        self.metrics = EngineMetrics(config.model.model)  # shared: each component counts what it does
+        self.stats_logger = StatsLogger(self.metrics, config.log_stats_interval_s)
         self.lora = None  # LoRAManager with enable_lora
         if config.lora.enable_lora:
             from radixserve.engine.lora.manager import LoRAManager
@@ -78,7 +81,7 @@ class LLMEngine:
             raise ValueError(f"preemption_mode='swap' needs a CPU tier, but swap_space = {cache.swap_space} GiB "
                              f"holds no {self.executor.block_bytes}-byte block")
         if num_cpu:
-            self.transfers = CacheTransferClient(par.host, par.cache_queue_port, par.tensor_parallel_size)
+            self.transfers = CacheTransferClient(par.worker_host, par.cache_queue_port, par.tensor_parallel_size)
         address = self.transfers.address if self.transfers else ""
         self.executor.init_cache(self.executor.num_blocks, num_cpu, address)
         if self.transfers:
@@ -134,7 +137,7 @@ class LLMEngine:
         """
         if self.dead is not None:
             raise RuntimeError(f"engine is down: {self.dead}")
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.default_sampling)  # the model's generation_config
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
@@ -240,6 +243,7 @@ class LLMEngine:
         updated = self.scheduler.update(so, result)
         outputs = failed + self.outputs.process(updated, result.prompt_logprobs)
         self._record_step(time.perf_counter() - start)
+        self.stats_logger.maybe_log()
         return outputs
 
     def _send_transfers(self) -> None:

@@ -1,16 +1,39 @@
 """Engine metrics with Prometheus names, rendered as Prometheus text.
 
 Kept dependency-free so the engine runs without prometheus_client; the
-cluster adds a ``replica`` label when it merges every replica's text.
+cluster adds a ``replica`` label when it merges every replica's text
+(cluster/metrics_merge.py). Every sample carries ``model_name``, as vLLM's do,
+and the families dashboards built for vLLM read are also rendered under their
+``vllm:`` names (:data:`VLLM_ALIASES`), so those dashboards work unchanged.
+:class:`StatsLogger` writes vLLM's periodic one-line summary.
 """
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 PREFIX = "radixserve:"
+VLLM_PREFIX = "vllm:"
+# radixserve name -> vLLM name, for the families vLLM's Grafana dashboard and tools read.
+VLLM_ALIASES = {
+    "prefix_cache_queries_tokens": "prefix_cache_queries",
+    "prefix_cache_hits_tokens": "prefix_cache_hits",
+    "kv_cache_usage_perc": "kv_cache_usage_perc",
+    "num_requests_running": "num_requests_running",
+    "num_requests_waiting": "num_requests_waiting",
+    "num_preemptions": "num_preemptions",
+    "prompt_tokens": "prompt_tokens",
+    "generation_tokens": "generation_tokens",
+    "time_to_first_token_seconds": "time_to_first_token_seconds",
+    "time_per_output_token_seconds": "time_per_output_token_seconds",
+    "e2e_request_latency_seconds": "e2e_request_latency_seconds",
+}
+_TIERS = {"all": "prefix_cache_hits_tokens", "gpu": "prefix_cache_gpu_hits_tokens",
+          "cpu": "prefix_cache_cpu_hits_tokens"}
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 _STEP_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -44,8 +67,8 @@ class Histogram:
                 return bound
         return math.inf
 
-    def render(self, labels: str) -> list[str]:
-        name = PREFIX + self.name
+    def render(self, labels: str, prefix: str = PREFIX, name: str | None = None) -> list[str]:
+        name = prefix + (name or self.name)
         lines = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
         cum = 0
         for bound, n in zip((*self.buckets, math.inf), self.counts):
@@ -87,10 +110,15 @@ _SCALARS = {
 }
 
 
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 class EngineMetrics:
     """Counters, gauges and histograms of one engine; thread-safe reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
         self._lock = threading.Lock()
         self.values: dict[str, float] = {k: 0.0 for k in _SCALARS}
         self.histograms = {h.name: h for h in (
@@ -119,13 +147,66 @@ class EngineMetrics:
             return dict(self.values)
 
     def render(self, labels: str = "") -> str:
-        """Prometheus text; ``labels`` like 'replica="r1"' is added to every sample."""
+        """Prometheus text; ``labels`` like 'replica="r1"' is added to every sample, after model_name."""
+        labels = ",".join(x for x in (f'model_name="{_escape(self.model_name)}"' if self.model_name else "",
+                                      labels) if x)
         lab = f"{{{labels}}}" if labels else ""
         lines = []
         with self._lock:
-            for name, (kind, help_) in _SCALARS.items():
-                full = PREFIX + name + ("_total" if kind == "counter" else "")
-                lines += [f"# HELP {full} {help_}", f"# TYPE {full} {kind}", f"{full}{lab} {self.values[name]}"]
-            for h in self.histograms.values():
-                lines += h.render(labels)
+            for prefix, names in ((PREFIX, {n: n for n in _SCALARS}), (VLLM_PREFIX, VLLM_ALIASES)):
+                for ours, theirs in names.items():
+                    if ours not in _SCALARS:
+                        continue
+                    kind, help_ = _SCALARS[ours]
+                    full = prefix + theirs + ("_total" if kind == "counter" else "")
+                    lines += [f"# HELP {full} {help_}", f"# TYPE {full} {kind}", f"{full}{lab} {self.values[ours]}"]
+                for h in self.histograms.values():
+                    if prefix == PREFIX or h.name in VLLM_ALIASES:
+                        lines += h.render(labels, prefix, names.get(h.name, h.name))
+            lines += self._hit_rates(labels)
         return "\n".join(lines) + "\n"
+
+    def _hit_rates(self, labels: str) -> list[str]:
+        name = PREFIX + "prefix_cache_hit_rate"
+        queries = self.values["prefix_cache_queries_tokens"]
+        lines = [f"# HELP {name} Prompt tokens served from the prefix cache / looked up, since start, per tier",
+                 f"# TYPE {name} gauge"]
+        for tier, key in _TIERS.items():
+            rate = self.values[key] / queries if queries else 0.0
+            lines.append(f'{name}{{{labels + "," if labels else ""}tier="{tier}"}} {rate}')
+        return lines
+
+
+class StatsLogger:
+    """vLLM's periodic one-line engine summary (throughput, queue, KV usage, hit rates).
+
+    ``maybe_log`` is called once per engine step; it logs at most every ``interval_s``
+    (0 disables it), with throughputs averaged over the interval.
+    """
+
+    def __init__(self, metrics: EngineMetrics, interval_s: float, logger: logging.Logger | None = None):
+        self.metrics, self.interval_s = metrics, interval_s
+        self.log = logger or logging.getLogger("radixserve.engine")
+        self._last_t = time.monotonic()
+        self._last = metrics.snapshot()
+
+    def maybe_log(self, now: float | None = None) -> str | None:
+        now = time.monotonic() if now is None else now
+        if self.interval_s <= 0 or now - self._last_t < self.interval_s:
+            return None
+        cur, dt = self.metrics.snapshot(), now - self._last_t
+        d = {k: cur[k] - self._last[k] for k in cur}
+        q = d["prefix_cache_queries_tokens"]
+
+        def pct(key: str) -> float:
+            return 100.0 * d[key] / q if q else 0.0
+
+        line = (f"Avg prompt throughput: {d['prompt_tokens'] / dt:.1f} tokens/s, "
+                f"Avg generation throughput: {d['generation_tokens'] / dt:.1f} tokens/s, "
+                f"Running: {cur['num_requests_running']:.0f} reqs, Waiting: {cur['num_requests_waiting']:.0f} reqs, "
+                f"KV cache usage: {100 * cur['kv_cache_usage_perc']:.1f}%, "
+                f"Prefix cache hit rate: {pct('prefix_cache_hits_tokens'):.1f}% "
+                f"(GPU {pct('prefix_cache_gpu_hits_tokens'):.1f}%, CPU {pct('prefix_cache_cpu_hits_tokens'):.1f}%)")
+        self._last_t, self._last = now, cur
+        self.log.info(line)
+        return line

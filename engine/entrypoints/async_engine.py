@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixserve.engine.config import EngineConfig
+from radixserve.engine.config import EngineConfig, ModelConfig
 from radixserve.engine.core.llm_engine import LLMEngine
 from radixserve.engine.entrypoints.llm import engine_config
 from radixserve.engine.entrypoints.outputs import RequestOutput
@@ -65,7 +65,7 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_kwargs(cls, model: str = "tiny-llama", launcher=None, engine_id: str | None = None,
+    def from_kwargs(cls, model: str = ModelConfig.model, launcher=None, engine_id: str | None = None,
                     **kwargs: Any) -> AsyncLLMEngine:
         return cls(engine_config(model, **kwargs), launcher=launcher, engine_id=engine_id)
 
@@ -90,7 +90,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
-        add = _Add(rid, prompt, sampling_params or SamplingParams(),
+        add = _Add(rid, prompt, sampling_params or SamplingParams(**self.engine.default_sampling),
                    list(prompt_token_ids) if prompt_token_ids is not None else None,
                    tuple(namespace), lambda item: loop.call_soon_threadsafe(q.put_nowait, item), lora_request)
         self._post(add)

@@ -47,6 +47,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``sampling_params=None`` means: the model's generation_config.json defaults (as vLLM)."""
+        return SamplingParams(**self.engine.default_sampling)
+
     def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  prompt_token_ids: Sequence[list[int]] | None = None, use_tqdm: bool = False,
@@ -89,12 +93,18 @@ class LLM:
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              add_generation_prompt: bool = True, use_tqdm: bool = False,
-             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a batch of them."""
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a batch of them.
+
+        ``chat_template_kwargs`` reach the template (``enable_thinking``, ``tools``, ...)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.engine.tokenizer
-        prompts = [{"prompt_token_ids": tok.encode_chat(c, add_generation_prompt),
-                    "prompt": tok.apply_chat_template(c, add_generation_prompt)} for c in conversations]
+        tok, kw = self.engine.tokenizer, chat_template_kwargs or {}
+        prompts = []
+        for c in conversations:
+            text = tok.apply_chat_template(c, add_generation_prompt, **kw)
+            # The template wrote BOS itself, so the tokenizer must not add another.
+            prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _normalise_prompts(self, prompts, prompt_token_ids) -> list[PromptType]:
@@ -116,10 +126,9 @@ class LLM:
             raise ValueError(f"got {len(lora)} lora requests for {n} prompts")
         return [LoRARequest(r) if isinstance(r, str) else r for r in lora]
 
-    @staticmethod
-    def _normalise_params(params, n: int) -> list[SamplingParams]:
+    def _normalise_params(self, params, n: int) -> list[SamplingParams]:
         if params is None:
-            return [SamplingParams()] * n
+            return [self.get_default_sampling_params()] * n
         if isinstance(params, SamplingParams):
             return [params] * n
         if len(params) != n:

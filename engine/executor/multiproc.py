@@ -38,7 +38,7 @@ class MultiprocExecutor(Executor):
         self.spec_fn = spec_fn
         self.launcher = launcher or ProcessLauncher()
         self.ctx = zmq.Context()
-        host = config.parallel.host
+        host = config.parallel.worker_host
         self.sock, self.port = bind_router(self.ctx, host, config.parallel.engine_worker_queue_port)
         close_on_collect(self, self.sock, self.ctx)
         self.address = f"tcp://{host}:{self.port}"
@@ -53,7 +53,7 @@ class MultiprocExecutor(Executor):
 
     def _start_group(self) -> None:
         """Start every rank and wait until each has loaded its shard."""
-        host = self.config.parallel.host
+        host = self.config.parallel.worker_host
         init = f"tcp://{host}:{free_tcp_port(host)}"
         threads = max(1, (os.cpu_count() or 1) // self.tp)  # no oversubscription across ranks
         self.handles = [self.launcher.start(WorkerArgs(self.spec_fn(rank, init), self.address, threads))

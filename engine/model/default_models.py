@@ -61,7 +61,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -101,6 +101,7 @@ _LOGIT_STD = 3.0
 _NORM_WEIGHT_STD = 0.1
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -535,8 +536,8 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def _generate(spec: EmbeddedModelSpec, final: Path) -> None:
-    """Generate ``spec`` into ``final``; the caller holds the lock."""
+def _publish(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a model directory with ``write(tmp)`` and rename it to ``final``; the caller holds the lock."""
     parent = final.parent
     tmp_prefix = f".tmp-{final.name}-"
     # Only lock holders create temp dirs, so any left over are from crashed runs.
@@ -548,7 +549,7 @@ def _generate(spec: EmbeddedModelSpec, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=parent))
     try:
-        write_model(spec, tmp)
+        write(tmp)
         _fsync_tree(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         os.rename(tmp, final)
@@ -562,35 +563,71 @@ def _generate(spec: EmbeddedModelSpec, final: Path) -> None:
         raise
 
 
-def resolve_model(name_or_path: str, cache_dir: str | None = None) -> Path:
-    """Return the HF directory for ``name_or_path``, generating an embedded model if needed.
-
-    An existing directory is returned as is. A name in :data:`EMBEDDED_MODELS`
-    is generated on first use into ``<cache_dir>/models/<name>-<key>`` (cache_dir
-    defaults to ``$XDG_CACHE_HOME/radixserve`` or ``~/.cache/radixserve``).
-    Safe to call from several processes at once.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return Path(name_or_path)
-    spec = EMBEDDED_MODELS.get(name_or_path)
-    if spec is None:
-        raise ValueError(
-            f"model {name_or_path!r} is not a directory and not an embedded model name; "
-            f"embedded models: {', '.join(sorted(EMBEDDED_MODELS))}")
-    final = model_dir(spec.name, cache_dir)
-    if _is_complete(final, spec):
+def build_once(final: Path, is_complete: Callable[[Path], bool], write: Callable[[Path], None]) -> Path:
+    """``final`` once complete, writing it first if needed; safe from several processes at once."""
+    if is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f".{final.name}.lock"
     with open(lock_path, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            if not _is_complete(final, spec):
-                _generate(spec, final)
+            if not is_complete(final):
+                _publish(final, write)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
     return final
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """A hub id's snapshot in the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``); never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:
+        raise ValueError(f"model {repo_id!r} looks like a hub id; resolving one from the local Hugging Face "
+                         "cache needs huggingface_hub (pip install huggingface_hub)") from exc
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"model {repo_id!r}{at} is not in the local Hugging Face cache "
+                         "(HF_HOME / HF_HUB_CACHE) and nothing is downloaded at run time; "
+                         "download it where a network is allowed, or pass a directory") from exc
+
+
+def resolve_model(name_or_path: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
+    """Return the HF directory for ``name_or_path``, generating or converting it if needed.
+
+    * an existing directory is returned as is;
+    * a ``.gguf`` file is converted once into ``<cache_dir>/models/`` (see gguf_convert);
+    * a packaged model name (``smollm2``) is the GGUF file a registry package ships;
+    * an embedded model name is generated on first use into ``<cache_dir>/models/<name>-<key>``;
+    * a hub id (``org/name``) is its snapshot in the local Hugging Face cache, at ``revision``.
+
+    ``cache_dir`` defaults to ``$XDG_CACHE_HOME/radixserve`` or ``~/.cache/radixserve``.
+    Safe to call from several processes at once.
+    """
+    from radixserve.engine.model import gguf_convert
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return Path(name_or_path)
+    if name_or_path.endswith(".gguf") or name_or_path in gguf_convert.PACKAGED_MODELS:
+        gguf_file = path if name_or_path.endswith(".gguf") else gguf_convert.packaged_gguf(name_or_path)
+        if not gguf_file.is_file():
+            raise ValueError(f"GGUF file {str(gguf_file)!r} does not exist")
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+        final = root / "models" / gguf_convert.cache_name(gguf_file)
+        return build_once(final, gguf_convert.is_converted, lambda tmp: gguf_convert.convert(gguf_file, tmp))
+    spec = EMBEDDED_MODELS.get(name_or_path)
+    if spec is None and _HUB_ID.fullmatch(name_or_path):
+        return _hub_snapshot(name_or_path, revision)
+    if spec is None:
+        raise ValueError(
+            f"model {name_or_path!r} is not a directory, a .gguf file, a hub id or a known model name; "
+            f"names: {', '.join(sorted([*EMBEDDED_MODELS, *gguf_convert.PACKAGED_MODELS]))}")
+    return build_once(model_dir(spec.name, cache_dir), lambda p: _is_complete(p, spec),
+                      lambda tmp: write_model(spec, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

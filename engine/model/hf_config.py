@@ -134,3 +134,27 @@ def load_arch_config(model_dir: str | Path) -> ArchConfig:
         if str(exc).startswith(str(path)):
             raise
         raise ValueError(f"{path}: {exc}") from exc
+
+
+# generation_config.json fields that become a request's defaults (vLLM's --generation-config auto).
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model_dir: str | Path, setting: str = "auto") -> dict[str, Any]:
+    """SamplingParams defaults from generation_config.json (empty when it has none).
+
+    ``setting`` is ModelConfig.generation_config: "auto" reads the model's own file,
+    "vllm" none, anything else is a directory holding one. Only the fields a request
+    leaves unset take these, as in vLLM; an explicit value always wins.
+    """
+    if setting == "vllm":
+        return {}
+    folder = Path(model_dir) if setting == "auto" else Path(setting).expanduser()
+    if setting != "auto" and not folder.is_dir():
+        raise ValueError(f"generation_config {setting!r}: not auto, vllm or a directory")
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    cfg = _read_json(path)
+    return {ours: cfg[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if cfg.get(theirs) is not None}

@@ -50,7 +50,7 @@ def cluster(tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = yaml.safe_load((ROOT / "ray_configs" / "serve.yaml").read_text())["applications"][0]["args"]
-    args.update(cache_dir=cache, num_gpu_blocks=96, max_model_len=1024, api_keys=KEYS,
+    args.update(model="tiny-llama", cache_dir=cache, num_gpu_blocks=96, max_model_len=1024, api_keys=KEYS,
                 engine_worker_queue_port=0, cache_queue_port=0, enable_lora=True, max_loras=2)
     serve.run(build_application(ClusterConfig.from_args(args)), name="radixserve", route_prefix="/")
     tp2 = ClusterConfig(model="tiny-llama", num_replicas=1,

@@ -82,3 +82,58 @@ def test_shards_keep_prefix_groups_together():
         groups = {r.prompt_token_ids[0] for r in shard}
         for g in groups:
             assert all(r.prompt_token_ids[0] != g for other in shards if other is not shard for r in other)
+
+
+def test_ray_job_submit_and_a_batch_next_to_a_running_cluster(tmp_path):
+    """The documented flows: `ray job submit` against the launch script's head (its dashboard
+    on 127.0.0.1), and a plain local batch run while that cluster is up (it starts its own Ray)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.cluster.helpers import free_port
+    script = Path(__file__).resolve().parents[2] / "ray_configs" / "launch_multinode.sh"
+    temp_dir = tempfile.mkdtemp(prefix="rsjob-", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_TEMP_DIR": temp_dir, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    cache = str(tmp_path / "models")
+    resolve_model("tiny-llama", cache)
+    inp = tmp_path / "in.jsonl"
+    rows = write_input(inp, n=6)
+    dash = free_port()
+    try:
+        head = subprocess.run(["bash", str(script), "head", "--port", str(free_port()), "--dashboard-port", str(dash),
+                               "--num-cpus", "2"], capture_output=True, text=True, timeout=180, env=env)
+        assert head.returncode == 0, head.stderr[-3000:]
+        out = tmp_path / "job-out.jsonl"
+        job = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
+                              f"http://127.0.0.1:{dash}", "--", *batch_cmd(inp, out, cache)[:-4],
+                              "--num-engines", "1", "--cpus-per-engine", "1"],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert sorted(r["id"] for r in complete_rows(out)) == sorted(r["id"] for r in rows)  # where asked
+        local_out = tmp_path / "local-out.jsonl"
+        local = subprocess.run(batch_cmd(inp, local_out, cache)[:-4] + ["--num-engines", "1"],
+                               capture_output=True, text=True, timeout=600, env=env)
+        assert local.returncode == 0, local.stderr[-3000:]
+        assert len(complete_rows(local_out)) == len(rows)
+    finally:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=120, env=env)
+        left = subprocess.run(["pgrep", "-f", temp_dir + "/"], capture_output=True, text=True).stdout.split()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, f"processes left under {temp_dir}"
+
+
+def test_a_relative_output_in_a_jobs_temporary_working_dir_is_refused(tmp_path, monkeypatch):
+    from radixserve.cluster.batch import output_path
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "pkg"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    try:
+        output_path("out.jsonl")
+    except ValueError as exc:
+        assert "absolute path" in str(exc)
+    else:
+        raise AssertionError("a relative output path inside a job's working_dir was accepted")
+    assert output_path(str(tmp_path / "out.jsonl")) == tmp_path / "out.jsonl"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -14,18 +16,26 @@ from tests.cluster.helpers import free_port
 SCRIPT = Path(__file__).resolve().parents[2] / "ray_configs" / "launch_multinode.sh"
 
 
-def sh(*args, timeout=600):
-    env = {**os.environ, "PYTHON": sys.executable, "RAY_AUTH_MODE": "token"}
+def sh(*args, temp_dir: str, timeout=600):
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_AUTH_MODE": "token", "RAY_TEMP_DIR": temp_dir}
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_two_nodes_serve_and_stop_cleanly(tmp_path):
+def ours(temp_dir: str) -> list[str]:
+    """PIDs of processes under this test's Ray temp dir (other Ray clusters here are not ours)."""
+    r = subprocess.run(["pgrep", "-f", temp_dir + "/"], capture_output=True, text=True)
+    return r.stdout.split()
+
+
+def test_two_nodes_serve_and_stop_cleanly(tmp_path_factory):
     port = free_port()
-    cache = str(tmp_path / "models")
+    cache = str(tmp_path_factory.mktemp("models"))
+    # Short and unique: Ray's socket paths must fit in 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rsmn-", dir="/tmp")
     try:
         up = sh("up", "--workers", "1", "--num-cpus", "1", "--http-port", str(port), "--model", "tiny-llama",
                 "--cache-dir", cache, "--num-replicas", "2", "--max-model-len", "512",
-                "--engine-worker-queue-port", "0", "--cache-queue-port", "0")
+                "--engine-worker-queue-port", "0", "--cache-queue-port", "0", temp_dir=temp_dir)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         replicas = set()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
@@ -36,21 +46,26 @@ def test_two_nodes_serve_and_stop_cleanly(tmp_path):
                 replicas.add(r.headers["x-radixserve-replica"])
         assert len(replicas) == 2
         # where do the replicas run? ask them through a driver on the cluster
+        address = next(line.split("cluster address: ")[1].strip() for line in up.stdout.splitlines()
+                       if line.startswith("cluster address: "))
+        assert ours(temp_dir), "the Ray processes should run under the script's temp dir"
         probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "RAY_AUTH_MODE": "token"})
+                               env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address})
         nodes = json.loads(probe.stdout.strip().splitlines()[-1])
         assert len(set(nodes.values())) == 2, nodes  # one replica on each node
     finally:
-        assert sh("stop").returncode == 0
-        assert sh("stop").returncode == 0  # idempotent
-    assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode == 1  # nothing left
+        assert sh("stop", temp_dir=temp_dir).returncode == 0
+        assert sh("stop", temp_dir=temp_dir).returncode == 0  # idempotent
+        leftover = ours(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not leftover, f"processes left under {temp_dir}: {leftover}"
 
 
 PROBE = """
 import json, ray
 from ray import serve
 from radixserve.cluster.replica_wire import decode_info
-ray.init(address="auto", namespace="serve", logging_level="ERROR")
+ray.init(namespace="serve", logging_level="ERROR")  # RAY_ADDRESS: this test's cluster, not any other
 h = serve.get_deployment_handle("LLMServer", app_name="radixserve")
 seen = {}
 for _ in range(40):

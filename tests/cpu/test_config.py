@@ -24,14 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 # field fails test_every_option_has_a_test_value until it is added here).
 OTHER = {
     "model": "small-llama", "dtype": "float32", "max_model_len": 100, "seed": 7, "cache_dir": "/tmp/models",
+    "tokenizer": "tiny-llama", "revision": "v1", "chat_template": "{{ messages }}", "generation_config": "vllm",
     "block_size": 8, "enable_prefix_caching": False, "num_gpu_blocks": 10, "gpu_memory_utilization": 0.5,
     "kv_cache_gib": 1.5, "swap_space": 2.0, "num_cpu_blocks": 5,
     "max_num_seqs": 3, "max_num_batched_tokens": 512, "enable_chunked_prefill": False,
     "preemption_mode": "recompute",
-    "tensor_parallel_size": 2, "engine_worker_queue_port": 0, "cache_queue_port": 0, "host": "0.0.0.0",
+    "tensor_parallel_size": 2, "engine_worker_queue_port": 0, "cache_queue_port": 0, "worker_host": "0.0.0.0",
     "worker_timeout_s": 5.0,
     "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 8, "lora_modules": ("a=/p/a",),
-    "device": "cpu", "attention_backend": "torch",
+    "device": "cpu", "attention_backend": "torch", "log_stats_interval_s": 0.0,
 }
 NEEDS = {"lora_modules": {"enable_lora": True}}  # options only valid together with another one
 
@@ -162,3 +163,24 @@ def test_deployed_router_gets_the_engines_block_size():
     kwargs = llm._bound_deployment._deployment_config.request_router_config.request_router_kwargs
     assert RouterConfig(**kwargs) == RouterConfig.for_engine(engine_config(block_size=8, max_num_batched_tokens=512))
     assert (kwargs["block_size"], kwargs["step_tokens"]) == (8, 512)
+
+
+def test_ray_serve_deployment_options_as_ray_serve_llm_users_write_them():
+    pytest.importorskip("ray")
+    from radixserve.cluster.app import build_application
+    cfg = ClusterConfig(num_replicas="auto", runtime_env={"env_vars": {"A": "1"}},
+                        deployment_config={"ray_actor_options": {"memory": 10**9}, "max_ongoing_requests": 7})
+    llm = build_application(cfg)._bound_deployment.init_args[0]._bound_deployment
+    dc = llm._deployment_config
+    assert dc.autoscaling_config is not None and dc.max_ongoing_requests == 7  # "auto": Serve's autoscaling
+    assert llm.ray_actor_options["memory"] == 10**9 and llm.ray_actor_options["num_cpus"] == 0.5
+    assert llm.ray_actor_options["runtime_env"] == {"env_vars": {"A": "1"}}
+    scaled = ClusterConfig(deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}})
+    dc = build_application(scaled)._bound_deployment.init_args[0]._bound_deployment._deployment_config
+    assert (dc.autoscaling_config.min_replicas, dc.autoscaling_config.max_replicas) == (1, 3)
+    with pytest.raises(ValueError, match="'auto'"):
+        ClusterConfig(num_replicas="many")
+    with pytest.raises(ValueError, match="placement_group_bundles"):
+        ClusterConfig(deployment_config={"placement_group_bundles": [{"CPU": 1}]})
+    args = ClusterConfig.from_args({"num_replicas": "auto", "deployment_config": {"max_ongoing_requests": 3}})
+    assert args.num_replicas == "auto" and args.deployment_config == {"max_ongoing_requests": 3}
