@@ -91,7 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.init(address=args.ray_address, namespace="serve")
     else:
         # The dashboard (loopback only) is what `serve status`, `serve config` and `ray job submit` talk to.
-        ray.init(num_cpus=args.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": a new Ray of our own, even when another runs on this machine.
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=args.dashboard_port, namespace="serve")
     serve.start(http_options={"host": args.http_host, "port": args.port}, detached=args.detach)
     serve.run(build_application(cfg), name=args.app_name, route_prefix="/")
