@@ -81,6 +81,11 @@ class Backend(ABC):
         return {}
 
     @property
+    def max_num_seqs(self) -> int | None:
+        """Most sequences one request may ask for (n / best_of): the engine's max_num_seqs."""
+        return None
+
+    @property
     def model_root(self) -> str:
         """Where the model lives (its local HF directory): /v1/models reports it as ``root``."""
         return self.model_name
@@ -143,6 +148,10 @@ class LocalBackend(Backend):
     @property
     def model_root(self) -> str:
         return str(self.engine.engine.model_dir)
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        return self.engine.engine.config.scheduler.max_num_seqs
 
     @property
     def max_model_len(self) -> int:

@@ -101,6 +101,10 @@ class ClusterBackend(Backend):
         return self._info.max_model_len
 
     @property
+    def max_num_seqs(self) -> int | None:
+        return self._info.max_num_seqs
+
+    @property
     def block_size(self) -> int:
         return self._info.block_size
 

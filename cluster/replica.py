@@ -77,7 +77,8 @@ class LLMServer:
         self.info = ReplicaInfo(self.replica_id, cfg.model.model, core.max_model_len, core.block_size,
                                 core.arch.vocab_size, str(core.model_dir),
                                 fingerprint(str(core.model_dir), core.block_size),
-                                ray.get_runtime_context().get_node_id(), os.getpid())
+                                ray.get_runtime_context().get_node_id(), os.getpid(),
+                                cfg.scheduler.max_num_seqs)
         self.metadata = get_metadata_actor(ctx.app_name)
         self._registered = self._register(ray)
         self.publish_interval_s = publish_interval_s

@@ -36,6 +36,7 @@ class ReplicaInfo:
     fingerprint: str
     node_id: str
     pid: int
+    max_num_seqs: int
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from radixserve.cluster.openai_api.protocol import (
     completion_prompts,
     completion_sampling_params,
     resolve_max_tokens,
+    valid_text,
 )
 from radixserve.cluster.openai_api.render import (
     ChatStreamer,
@@ -65,6 +66,7 @@ from radixserve.cluster.openai_api.serving import (
 )
 from radixserve.engine.cache.hashing import request_namespace
 from radixserve.engine.entrypoints.outputs import RequestOutput
+from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.tokenizer import Tokenizer
 
 __all__ = ["ServerConfig", "attach_backend", "build_app"]
@@ -296,7 +298,7 @@ def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
             raise RequestError("the prompt is empty", param="prompt")
         _check_vocab(tok, ids)
         max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), limit, "prompt")
-        params = completion_sampling_params(body, max_tokens, _backend(request).default_sampling)
+        params = _fits(request, completion_sampling_params(body, max_tokens, _backend(request).default_sampling))
         jobs.append(Job(ids, text, params, f"{rid}-{i}", namespace, lora))
     return jobs
 
@@ -305,6 +307,17 @@ def _requested_max_tokens(request: Request, body: CompletionRequest | ChatComple
     """The request's own limit, else the model's generation_config max_new_tokens, else None (the rest)."""
     asked = body.requested_max_tokens
     return asked if asked is not None else _backend(request).default_sampling.get("max_tokens")
+
+
+def _fits(request: Request, params: SamplingParams) -> SamplingParams:
+    """n / best_of above what a replica runs at once would wait forever (and hold up the
+    requests behind it): refused here, before it reaches a replica."""
+    limit = _backend(request).max_num_seqs
+    if limit is not None and params.num_sequences > limit:
+        which = "best_of" if params.best_of is not None else "n"
+        raise RequestError(f"{which}={params.num_sequences} asks for more sequences than a replica runs at once "
+                           f"(max_num_seqs {limit})", param=which)
+    return params
 
 
 def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
@@ -324,7 +337,7 @@ def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace
         raise RequestError("the rendered chat prompt is empty", param="messages")
     max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), _max_model_len(request),
                                     "messages")
-    params = chat_sampling_params(body, max_tokens, _backend(request).default_sampling)
+    params = _fits(request, chat_sampling_params(body, max_tokens, _backend(request).default_sampling))
     return Job(ids, text, params, f"{rid}-0", namespace, lora)
 
 
@@ -466,7 +479,7 @@ async def tokenize(body: TokenizeRequest, request: Request, _: str | None = Depe
     if body.messages is not None:
         ids, _text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt)
     else:
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = tok.encode(valid_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens)
     strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
     resp = TokenizeResponse(count=len(ids), max_model_len=_max_model_len(request), tokens=ids, token_strs=strs)
     return JSONResponse(resp.model_dump(mode="json"))

@@ -216,16 +216,27 @@ def check_supported(req: _GenerationRequest) -> None:
 
 # -- prompts ------------------------------------------------------------------------------
 
+def valid_text(text: str, param: str) -> str:
+    """``text`` if it is encodable Unicode: JSON may carry lone surrogates ("\\ud800"),
+    which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{param} is not valid Unicode text (a lone surrogate at character {exc.start})",
+                           param=param) from None
+    return text
+
+
 def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     """The request's prompts, each text or token ids."""
     p = req.prompt
     if isinstance(p, str):
-        return [p]
+        return [valid_text(p, "prompt")]
     if not p:
         raise RequestError("the prompt is empty", param="prompt")
     if isinstance(p[0], int):
         return [list(p)]
-    return list(p)
+    return [valid_text(t, "prompt") if isinstance(t, str) else t for t in p]
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -245,7 +256,7 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 raise RequestError(f"only text content parts are supported, got type {bad!r}",
                                    param="messages")
             text = "\n".join(part.text for part in m.content)
-        out.append({"role": m.role, "content": text})
+        out.append({"role": valid_text(m.role, "messages"), "content": valid_text(text, "messages")})
     return out
 
 

@@ -144,6 +144,7 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt_token_ids]
         self.validate_prompt(ids)
+        self.validate_params(params)
         adapter = self.resolve_lora(lora_request) if lora_request is not None else None
         namespace = cache_namespace(adapter.namespace if adapter is not None else None, namespace)
         request = Request(request_id, prompt, ids, params, namespace,
@@ -152,6 +153,14 @@ class LLMEngine:
         self.scheduler.add_request(request)
         self.outputs.add_request(request)
         return request
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """A request whose sequences can never run together is refused, not queued forever."""
+        limit = self.config.scheduler.max_num_seqs
+        if params.num_sequences > limit:
+            which = "best_of" if params.best_of is not None else "n"
+            raise ValueError(f"{which}={params.num_sequences} asks for more sequences than can run at once: "
+                             f"max_num_seqs is {limit}")
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:

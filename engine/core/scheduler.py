@@ -103,6 +103,7 @@ class Scheduler:
                 self.finish_seq(seq, reason)
 
     def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        assert not seq.is_finished, "a sequence finished twice"
         if seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SeqStatus.WAITING:
@@ -111,6 +112,7 @@ class Scheduler:
             del self.swapping[seq.seq_id]
         self.kv.free(seq)
         seq.status = SeqStatus.FINISHED
+        seq.request.num_finished += 1
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         if seq.seq_id in self._has_sampler:

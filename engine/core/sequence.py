@@ -104,6 +104,7 @@ class Request:
     prompt_logprobs: list | None = None  # set once every prompt position has its logprob
     prompt_logprobs_buffer: list | None = None  # filled chunk by chunk during prefill
     lora: LoRAAdapter | None = None  # the adapter version it runs on (its namespace is in ``namespace``)
+    num_finished: int = 0  # sequences finished so far: is_finished stays O(1) for any n
 
     @property
     def prompt_len(self) -> int:
@@ -115,4 +116,4 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return self.num_finished >= len(self.seqs)

@@ -69,6 +69,8 @@ class LLM:
         ids = [self._tokenize(p) for p in items]
         for token_ids in ids:
             self.engine.validate_prompt(token_ids)
+        for sp in params:
+            self.engine.validate_params(sp)
         for lr in dict.fromkeys(lr for lr in loras if lr is not None):
             self.engine.resolve_lora(lr)  # loads now: a bad adapter fails before anything is queued
         texts = [p if isinstance(p, str) else p.get("prompt") if isinstance(p, dict) else None
