@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from radixserve.benchmarks.common import bar_plot, command_line, median, print_summary, write_result
+from radixserve.benchmarks.workloads import override
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.model.default_models import resolve_model
 
@@ -229,12 +230,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes on tiny-llama (seconds)")
     p.add_argument("--model", default=None)
     p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a PrefixBenchConfig field, e.g. prefill_len=1024 (repeatable), to size a run")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else PrefixBenchConfig()
     if args.model:
         cfg = PrefixBenchConfig(**{**asdict(cfg), "model": args.model})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set wants FIELD=VALUE, got {item!r}")
+        cfg = override(cfg, key, value)
     torch.manual_seed(cfg.seed)
     bench = Bench(cfg, args.cache_dir)
     measurements = {}
@@ -243,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
         measurements[name] = getattr(bench, name)()
         tqdm.write(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summarize({name: measurements[name]}).items()))
     summary = summarize(measurements)
-    suite = "prefix-quick" if args.quick else "prefix"
+    # Another model than the default gets its own name, so it never shadows the default's result in the report.
+    default = (QUICK if args.quick else PrefixBenchConfig()).model
+    suite = "prefix" + (f"-{Path(cfg.model).name}" if cfg.model != default else "") + ("-quick" if args.quick else "")
     path = write_result(suite, asdict(cfg), measurements, summary, Path(args.out_dir) if args.out_dir else None,
                         command_line("radixserve.benchmarks.bench_prefix", argv))
     plot(summary, path.with_suffix(".png"))

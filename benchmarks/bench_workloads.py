@@ -320,7 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "engine": BY_NAME[v].engine} for v in cfg.variants}}
     measurements = {"workloads": shapes, "aggregate": agg, "round_ratios": ratios,
                     "runs": [r.to_json() for r in runs]}
-    path = write_result("workloads-quick" if args.quick else "workloads", config, measurements, summary,
+    # Another model than the default gets its own name, so it never shadows the default's result in the report.
+    default = (QUICK if args.quick else WorkloadsBenchConfig()).model
+    suite = "workloads" + (f"-{Path(cfg.model).name}" if cfg.model != default else "") + ("-quick" if args.quick else "")
+    path = write_result(suite, config, measurements, summary,
                         Path(args.out_dir) if args.out_dir else None,
                         command_line("radixserve.benchmarks.bench_workloads", argv))
     plot(path)

@@ -174,7 +174,8 @@ def grouped_bar_plot(ax, groups: Sequence[str], series: dict[str, Sequence[float
         ax.bar([p[0] for p in pts], [p[1] for p in pts], width, label=name)
         for x, v in pts:
             ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8, rotation=25 if len(groups) > 5 else 0,
+                  ha="right" if len(groups) > 5 else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     if log:
@@ -228,14 +229,21 @@ def tier_hits_panel(ax, agg: dict, workloads: Sequence[str], variants: Sequence[
     colors = [f"C{i}" for i in range(len(variants))]
     for j, v in enumerate(variants):
         xs = [i - 0.4 + (j + 0.5) * width for i in range(len(workloads))]
-        gpu = [_finite(agg[w].get(v, {}).get("hit_rate_gpu")) for w in workloads]
+        # Over HTTP there are no engine counters: the hit rate the responses reported stands in for the pool's.
+        gpu = [_finite(_first_finite(agg[w].get(v, {}).get("hit_rate_gpu"), agg[w].get(v, {}).get("hit_rate_client")))
+               for w in workloads]
         cpu = [_finite(agg[w].get(v, {}).get("hit_rate_cpu")) for w in workloads]
         ax.bar(xs, gpu, width, color=colors[j])
         ax.bar(xs, cpu, width, bottom=gpu, color=colors[j], hatch="//", edgecolor="white")
-    ax.set_xticks(range(len(workloads)), workloads, fontsize=8)
+    ax.set_xticks(range(len(workloads)), workloads, fontsize=8, rotation=25 if len(workloads) > 5 else 0,
+                  ha="right" if len(workloads) > 5 else "center")
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of prompt tokens")
     ax.set_title("prefix hit rate by tier (solid: device pool, hatched: CPU tier)", fontsize=9)
+
+
+def _first_finite(*xs: float | None) -> float | None:
+    return next((x for x in xs if x is not None and math.isfinite(x)), None)
 
 
 def _finite(x: float | None) -> float:

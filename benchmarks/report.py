@@ -39,7 +39,8 @@ class Result:
     @property
     def command(self) -> str:
         if self.doc.get("command"):
-            return self.doc["command"]
+            # Files from before the package rename name the modules by their old top-level path.
+            return re.sub(r"^python -m benchmarks\.", "python -m radixserve.benchmarks.", self.doc["command"])
         # Files from before commands were recorded: the suite's default invocation.
         return f"python -m radixserve.benchmarks.bench_{self.suite}  (inferred: this file predates recorded commands)"
 
@@ -58,7 +59,8 @@ def load_results(results_dir: Path, include_quick: bool = False) -> list[Result]
         key = (r.suite, r.device)
         if key not in newest or (r.date, path.stat().st_mtime) > (newest[key].date, newest[key].path.stat().st_mtime):
             newest[key] = r
-    return sorted(newest.values(), key=lambda r: (SUITE_ORDER.get(r.suite, 99), r.suite, r.device))
+    return sorted(newest.values(), key=lambda r: (SUITE_ORDER.get(r.suite, SUITE_ORDER.get(r.suite.split("-")[0], 99)),
+                                                  r.suite, r.device))
 
 
 def _read(path: Path) -> Result | None:
@@ -79,7 +81,7 @@ def _suite_from_stem(stem: str) -> str:
 
 # -- which figures each suite headlines ---------------------------------------------------------
 
-SUITE_ORDER = {"workloads": 0, "cluster": 1, "prefix": 2, "tier": 3, "tp": 4, "kernels": 5}
+SUITE_ORDER = {"workloads": 0, "peer": 1, "cluster": 1, "prefix": 2, "tier": 3, "tp": 4, "kernels": 5}
 
 
 def _summary_table(result: Result, pattern: str = ".") -> list[str]:
@@ -115,6 +117,7 @@ _RATIOS = r"/(ttft_p50_speedup_vs_|throughput_gain_vs_|hit_rate_)"
 HEADLINES: dict[str, Callable[[Result], list[str]]] = {
     "workloads": lambda r: _matrix_table(r, _RATIOS),
     "cluster": lambda r: _matrix_table(r, _RATIOS),
+    "peer": lambda r: _matrix_table(r, _RATIOS),
     "kernels": _kernels_table,
 }
 
@@ -127,6 +130,14 @@ KEY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
     ("prefix", "shared_prefix_throughput_on_over_off", "shared-prefix workload time, cache off / on", ">= 3"),
     ("prefix", "no_sharing_overhead", "all prompts distinct: cache on / off - 1", "<= 0.02"),
     ("prefix", "continuous_batching_over_hf_static", "mixed lengths: engine / HF static batches, tok/s", ">= 1.5"),
+    ("peer", "shared_prefix@8u/ttft_p50_speedup_vs_transformers", "shared prefix over HTTP, 8 users: TTFT p50 "
+     "transformers serve / radixserve", ">= 5"),
+    ("peer", "shared_prefix@8u/throughput_gain_vs_transformers", "the same, output tok/s radixserve / "
+     "transformers serve", ">= 2"),
+    ("peer", "no_sharing@8u/ttft_p50_speedup_vs_transformers", "no sharing, 8 users: TTFT p50 transformers serve "
+     "/ radixserve", ">= 1"),
+    ("peer", "no_sharing@8u/throughput_gain_vs_transformers", "no sharing, 8 users: output tok/s radixserve / "
+     "transformers serve", ">= 1"),
     ("tier", "sequential_gpu_cpu_over_gpu_only_speedup", "doc QA, working set 4x pool: GPU-only / GPU+CPU time, "
      "one request at a time", ">= 2"),
     ("tier", "batched_gpu_cpu_over_gpu_only_speedup", "the same, each round's questions submitted together", ">= 2"),
@@ -154,7 +165,8 @@ def key_figures_table(results: Sequence[Result], base: Path) -> list[str]:
 
 
 def headline(result: Result) -> list[str]:
-    return HEADLINES.get(result.suite, _summary_table)(result)
+    # "workloads-smollm2" (a suite run on another model than its default) is headlined as "workloads".
+    return HEADLINES.get(result.suite, HEADLINES.get(result.suite.split("-")[0], _summary_table))(result)
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -249,7 +261,9 @@ def render(results: Sequence[Result], base: Path) -> str:
              "Ratios are measured side by side in the same run on the same machine; absolute numbers "
              "hold only for the device in the file name. A `*_speedup_vs_X` or `*_gain_vs_X` ratio says "
              "how many times better the reference (for the workloads suite: radixserve with its prefix "
-             "cache, device pool only) is than X; below 1, X is better (as the CPU tier is on rag).", "",
+             "cache, device pool only; for the peer suite: radixserve's HTTP server, prefix cache on, against "
+             "`transformers serve --continuous-batching`, rows `<workload>@<N>u` at N concurrent users) is than X; "
+             "below 1, X is better (as the CPU tier is on rag).", "",
              "Run everything again: `radixserve bench bench_workloads` (or any suite in `radixserve bench "
              "--list`), then `python -m radixserve.benchmarks.report`.", "",
              "## Against the targets", "", *key_figures_table(results, base), "",

@@ -72,10 +72,13 @@ class TokenSpace:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TokenSpace:
-        # Special tokens sit at the top of the embedded vocabularies; stay below them.
-        special = getattr(tokenizer, "special_token_ids", frozenset())
-        high = min(special) if special else tokenizer.vocab_size
-        return cls(min(10, high - 1), high)
+        # The longest run of ids without a special token: below them in the embedded vocabularies
+        # (specials at the top), above them in SmolLM2's (ids 0-16).
+        vocab = tokenizer.vocab_size
+        special = sorted(t for t in getattr(tokenizer, "special_token_ids", frozenset()) if 0 <= t < vocab)
+        bounds = [-1, *special, vocab]
+        low, high = max(((a + 1, b) for a, b in zip(bounds, bounds[1:])), key=lambda r: r[1] - r[0])
+        return cls(min(10, high - 1) if low == 0 else low, high)
 
     def draw(self, rng: random.Random, n: int) -> tuple[int, ...]:
         return tuple(rng.randrange(self.low, self.high) for _ in range(n))

@@ -344,6 +344,8 @@ def suite_argv(suite: str, out: Path, cache_dir: str, stub_url: str) -> list[str
     argv = ["--quick", "--out-dir", str(out), "--cache-dir", cache_dir]
     if suite == "bench_cluster":
         argv += ["--endpoint", f"stub={stub_url}"]
+    if suite == "bench_peer":  # our server only: transformers serve takes too long to start for a smoke test
+        argv += ["--peer", "none", "--servers", "radixserve", "--users", "2"]
     return argv
 
 
@@ -360,10 +362,11 @@ def test_suite_quick(suite, tmp_path, model_cache_dir, tiny_dir, stub_server, on
         return
     assert {"suite", "command", "config", "env", "summary", "measurements"} <= set(doc)
     assert "load_average" in doc["env"] and doc["summary"]
-    if suite in ("bench_workloads", "bench_cluster"):
+    if suite in ("bench_workloads", "bench_cluster", "bench_peer"):
         m = doc["measurements"]
-        assert set(m) == {"workloads", "aggregate", "round_ratios", "runs"}
-        assert set(m["aggregate"]) == set(workloads.WORKLOADS)
+        assert {"workloads", "aggregate", "round_ratios", "runs"} <= set(m)
+        assert set(m["aggregate"]) == (set(workloads.WORKLOADS) if suite != "bench_peer" else
+                                       {f"{w}@2u" for w in workloads.WORKLOADS})
         run = m["runs"][0]
         assert run["records"] and {"ttft_p50", "ttft_p99", "tpot_p50", "goodput_req_per_s",
                                    "hit_rate_gpu"} <= set(run["summary"])
@@ -373,6 +376,41 @@ def test_suite_quick(suite, tmp_path, model_cache_dir, tiny_dir, stub_server, on
         assert doc["summary"]["shared_prefix/hit_rate_cache_on"] > 0.3
     if suite == "bench_cluster":
         assert doc["measurements"]["runs"][0]["summary"]["replicas"]
+    if suite == "bench_peer":
+        assert doc["summary"]["shared_prefix@2u/hit_rate_radixserve"] > 0.2 and doc["summary"]["errors"] == 0
+
+
+def test_token_space_skips_special_tokens_at_either_end():
+    class Tok:
+        def __init__(self, special, vocab):
+            self.special_token_ids, self.vocab_size = frozenset(special), vocab
+    assert TokenSpace.from_tokenizer(Tok(range(2032, 2048), 2048)) == TokenSpace(10, 2032)  # embedded models
+    assert TokenSpace.from_tokenizer(Tok(range(17), 49152)) == TokenSpace(17, 49152)  # SmolLM2
+    assert TokenSpace.from_tokenizer(Tok((), 100)) == TokenSpace(10, 100)
+
+
+def test_peer_suite_pure_parts():
+    from radixserve.benchmarks import bench_peer
+    body = bench_peer.peer_body({"model": "m", "ignore_eos": True, "max_tokens": 3, "temperature": 0.0})
+    assert "ignore_eos" not in body and json.loads(body["generation_config"]) == {"eos_token_id": -1,
+                                                                                  "do_sample": False}
+    cfg = bench_peer.parse_config(bench_peer.build_parser().parse_args(["--quick", "--peer", "none"]))
+    assert cfg.servers == ("radixserve", "radixserve_nocache") and cfg.reference == "radixserve"
+    full = bench_peer.PeerBenchConfig()
+    seeds = {bench_peer.request_seed(full, r, i) for r in range(3) for i in range(len(full.users))}
+    assert len(seeds) == 3 * len(full.users)  # no run reuses another's prompts
+    argv = bench_peer.transformers_argv(full, "/models/x", 1234)
+    assert argv[-1] == "/models/x" and "--continuous-batching" in argv and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--cb-num-blocks") + 1] == str(full.kv_tokens // full.peer_block_size)
+    spec = bench_peer.ours_spec(full, "/models/x", prefix_cache=False)
+    assert spec["engine"]["num_gpu_blocks"] * full.block_size == full.kv_tokens
+    assert not spec["engine"]["enable_prefix_caching"]
+    recs = [rec(0, 0.0, 0.1, 0.1, 2, prompt=10), rec(1, 0.0, 0.1, 0.1, 2, prompt=12)]
+    other = [rec(0, 0.0, 0.1, 0.1, 2, prompt=10), rec(1, 0.0, 0.1, 0.1, 2, prompt=13)]
+    runs = [Run(0, "w@1u", "radixserve", _summary(1.0, 1.0), recs), Run(0, "w@1u", "transformers", _summary(1.0, 1.0), other)]
+    assert bench_peer.prompt_mismatches(runs) == {"w@1u": 1}
+    with pytest.raises(ValueError, match="servers"):
+        bench_peer.PeerBenchConfig(servers=("vllm",))
 
 
 def test_report_and_cli(tmp_path, model_cache_dir, one_torch_thread):
