@@ -109,12 +109,12 @@ def test_ray_job_submit_and_a_batch_next_to_a_running_cluster(tmp_path):
         out = tmp_path / "job-out.jsonl"
         submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                   "--", *batch_cmd(inp, out, cache)[:-4], "--num-engines", "1", "--cpus-per-engine", "1"]
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:  # right after `ray start` the job agent may not be up yet ("try again later")
             job = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env)
-            if "No available agent" not in job.stderr or time.monotonic() > deadline:
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert sorted(r["id"] for r in complete_rows(out)) == sorted(r["id"] for r in rows)  # where asked
         local_out = tmp_path / "local-out.jsonl"
