@@ -155,7 +155,7 @@ import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
 import torch
 from radixserve.kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
-import kernels.block_copy, kernels.prefix_prefill, kernels.reshape_and_cache
+import radixserve.kernels.block_copy, radixserve.kernels.prefix_prefill, radixserve.kernels.reshape_and_cache
 q = torch.randn(1, 2, 16); cache = torch.randn(2, 4, 1, 16)
 table = torch.tensor([[1, 0]], dtype=torch.int32); lens = torch.tensor([6], dtype=torch.int32)
 assert paged_decode_attention_ref(q, cache, cache, table, lens, 0.25).shape == (1, 2, 16)
