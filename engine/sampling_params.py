@@ -136,6 +136,14 @@ class SamplingParams:
         """How many sequences the engine generates (best_of, else n)."""
         return self.best_of if self.best_of is not None else self.n
 
+    def over_seq_limit(self, max_num_seqs: int) -> tuple[str, str] | None:
+        """(field, message) when these sequences can never run at once, else None."""
+        if self.num_sequences <= max_num_seqs:
+            return None
+        field_name = "best_of" if self.best_of is not None else "n"
+        return field_name, (f"{field_name}={self.num_sequences} asks for more sequences than can run at once: "
+                            f"max_num_seqs is {max_num_seqs}")
+
 
 def check_stop_token(token_id: int, params: SamplingParams, eos_token_ids: frozenset[int],
                      num_output_tokens: int) -> str | None:

@@ -313,10 +313,9 @@ def _fits(request: Request, params: SamplingParams) -> SamplingParams:
     """n / best_of above what a replica runs at once would wait forever (and hold up the
     requests behind it): refused here, before it reaches a replica."""
     limit = _backend(request).max_num_seqs
-    if limit is not None and params.num_sequences > limit:
-        which = "best_of" if params.best_of is not None else "n"
-        raise RequestError(f"{which}={params.num_sequences} asks for more sequences than a replica runs at once "
-                           f"(max_num_seqs {limit})", param=which)
+    over = params.over_seq_limit(limit) if limit is not None else None
+    if over is not None:
+        raise RequestError(over[1], param=over[0])
     return params
 
 

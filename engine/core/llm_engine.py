@@ -156,11 +156,9 @@ class LLMEngine:
 
     def validate_params(self, params: SamplingParams) -> None:
         """A request whose sequences can never run together is refused, not queued forever."""
-        limit = self.config.scheduler.max_num_seqs
-        if params.num_sequences > limit:
-            which = "best_of" if params.best_of is not None else "n"
-            raise ValueError(f"{which}={params.num_sequences} asks for more sequences than can run at once: "
-                             f"max_num_seqs is {limit}")
+        over = params.over_seq_limit(self.config.scheduler.max_num_seqs)
+        if over is not None:
+            raise ValueError(over[1])
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:

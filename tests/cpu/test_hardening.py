@@ -13,7 +13,7 @@ def test_more_sequences_than_a_replica_runs_is_a_400(http, url, engine):
     limit = engine.engine.config.scheduler.max_num_seqs
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     assert_error(http.post(f"{url}/v1/completions", json={**body, "n": limit + 1}), 400, param="n",
-                 contains=f"max_num_seqs {limit}")
+                 contains=f"max_num_seqs is {limit}")
     assert_error(http.post(f"{url}/v1/completions", json={**body, "n": 1, "best_of": 10**6}), 400, param="best_of")
     assert_error(http.post(f"{url}/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "n": limit + 1,
                                                                "messages": [{"role": "user", "content": "x"}]}),
