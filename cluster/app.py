@@ -53,11 +53,11 @@ def build_application(cfg: ClusterConfig):
     options.update(_user_options(cfg, options["ray_actor_options"]))
     if "autoscaling_config" in options:
         options.pop("num_replicas", None)  # Serve takes one or the other
-    llm = serve.deployment(LLMServer).options(**options).bind(engine_kwargs)
+    llm = serve.deployment(LLMServer).options(**options).bind(engine_kwargs, stall_timeout_s=cfg.stall_timeout_s)
     server = {"served_model_name": cfg.served_model_name, "api_keys": cfg.api_keys,
               "allowed_origins": tuple(cfg.allowed_origins), "allowed_methods": tuple(cfg.allowed_methods),
               "allowed_headers": tuple(cfg.allowed_headers), "allow_credentials": cfg.allow_credentials,
-              "return_request_id_header": False}
+              "return_request_id_header": False, **cfg.server_limits()}
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1000)

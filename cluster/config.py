@@ -36,6 +36,16 @@ class ClusterConfig:
     # ray_actor_options, health checks, ...) applied over ours; placement is ours to decide.
     deployment_config: dict = field(default_factory=dict)
     runtime_env: dict | None = None  # Ray runtime_env of every replica (env_vars, pip, ...)
+    # A replica whose engine has work but makes no progress this long fails its health check
+    # (0: never); above the slowest legitimate step, a TP group restart included.
+    stall_timeout_s: float = 120.0
+    # The HTTP layer's limits and access (ServerConfig in cluster/openai_api/app.py says what each does).
+    max_request_body_bytes: int = 8 * 2**20
+    max_prompt_chars: int | None = None
+    max_prompts_per_request: int = 256
+    max_stop_sequences: int = 64
+    metrics_api_key: str | None = None
+    allowed_lora_roots: tuple[str, ...] = ()
     replica_cpus: float = 0.5  # CPU resources per bundle (replica and each TP worker)
     use_gpu: bool | None = None  # None: use GPUs when the node has them
     router_kwargs: dict = field(default_factory=dict)  # RouterConfig overrides (not block_size/step_tokens)
@@ -50,7 +60,18 @@ class ClusterConfig:
                              "TP workers itself (use replica_cpus / use_gpu)")
         if self.router not in POLICIES:
             raise ValueError(f"router must be one of {', '.join(POLICIES)}, got {self.router!r}")
+        if not (isinstance(self.stall_timeout_s, (int, float)) and self.stall_timeout_s >= 0):
+            raise ValueError(f"stall_timeout_s must be a number >= 0 (0: off), got {self.stall_timeout_s!r}")
         self.router_config()  # validates the engine options too: fail here, not on a replica
+        from radixserve.cluster.openai_api.app import ServerConfig  # fastapi: only once a config is built
+        ServerConfig(**self.server_limits())  # and the HTTP limits
+
+    def server_limits(self) -> dict[str, Any]:
+        """The ServerConfig fields this config sets beyond names, keys and CORS."""
+        return {"max_request_body_bytes": self.max_request_body_bytes, "max_prompt_chars": self.max_prompt_chars,
+                "max_prompts_per_request": self.max_prompts_per_request,
+                "max_stop_sequences": self.max_stop_sequences, "metrics_api_key": self.metrics_api_key,
+                "allowed_lora_roots": tuple(self.allowed_lora_roots)}
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_flat(model=self.model, **self.engine)

@@ -174,8 +174,9 @@ class ClusterBackend(Backend):
         actor = get_metadata_actor(self._app_name)
         replicas, routers = await actor.metrics.remote()
         # One header per family, every replica's samples under it (valid Prometheus text).
+        # A router's lines about a replica that is gone are left out (live = what the actor holds).
         return merge_metrics([(f'replica="{rid}"', text) for rid, text in sorted(replicas.items())]
-                             + [("", text) for _, text in sorted(routers.items())])
+                             + [("", text) for _, text in sorted(routers.items())], live_replicas=set(replicas))
 
     async def health(self) -> bool:
         now = time.monotonic()

@@ -3,13 +3,17 @@
 Each replica renders its own families (``# HELP`` / ``# TYPE`` then samples). Concatenated,
 every family would repeat its header once per replica, which Prometheus' parsers reject
 ("Clashing name"). Here each family gets its header once, followed by every source's
-samples, each sample carrying its source's labels (``replica="..."``). Ray-free and pure,
-so it is unit-tested with prometheus_client's own parser.
+samples, each sample carrying its source's labels (``replica="..."``). Given the live
+replicas, a sample about any other replica (a router's decisions for one that died) is
+left out. Ray-free and pure, so it is unit-tested with prometheus_client's own parser.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+
+_REPLICA = re.compile(r'[{,]replica="((?:[^"\\]|\\.)*)"')
 
 
 @dataclass
@@ -29,8 +33,17 @@ def _with_label(sample: str, label: str) -> str:
     return f"{sample[:space]}{{{label}}}{sample[space:]}"  # name value
 
 
-def merge(sources: Iterable[tuple[str, str]]) -> str:
-    """``sources``: (extra label like 'replica="r1"' or '', Prometheus text) pairs."""
+def _about_gone_replica(sample: str, live: Collection[str] | None) -> bool:
+    if live is None:
+        return False
+    labels = sample[:sample.find("}") + 1] if "{" in sample.split(" ", 1)[0] else ""
+    m = _REPLICA.search(labels)
+    return m is not None and m.group(1) not in live
+
+
+def merge(sources: Iterable[tuple[str, str]], live_replicas: Collection[str] | None = None) -> str:
+    """``sources``: (extra label like 'replica="r1"' or '', Prometheus text) pairs;
+    ``live_replicas``: when given, samples labelled with any other replica are dropped."""
     families: dict[str, _Family] = {}
     for label, text in sources:
         current: _Family | None = None
@@ -46,7 +59,9 @@ def merge(sources: Iterable[tuple[str, str]]) -> str:
                 if current is None:  # a sample before any header: its own untyped family
                     name = line.split("{", 1)[0].split(" ", 1)[0]
                     current = families.setdefault(name, _Family())
-                current.samples.append(_with_label(line, label))
+                sample = _with_label(line, label)
+                if not _about_gone_replica(sample, live_replicas):
+                    current.samples.append(sample)
     out = []
     for name, fam in families.items():
         out += [f"# HELP {name} {fam.help}", f"# TYPE {name} {fam.type}", *fam.samples]

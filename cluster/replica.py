@@ -3,7 +3,9 @@
 It registers with the RadixCacheMetadata actor (refused loudly on a hash
 fingerprint mismatch), publishes its engine's block events and metrics every
 ``publish_interval_s`` (a snapshot when the actor reports a gap), streams
-outputs as msgpack bytes, and reports unhealthy when its engine is.
+outputs as msgpack bytes, and reports unhealthy when its engine is, or when the
+engine has had work queued without progress for ``stall_timeout_s`` (Serve then
+stops sending it requests and replaces it).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ async def _bounded(ref, timeout_s: float = _METADATA_TIMEOUT_S):
 
 
 class LLMServer:
-    def __init__(self, engine_kwargs: dict[str, Any], publish_interval_s: float = 0.1):
+    def __init__(self, engine_kwargs: dict[str, Any], publish_interval_s: float = 0.1,
+                 stall_timeout_s: float = 120.0):
         _log_to_stderr()
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
@@ -82,6 +85,7 @@ class LLMServer:
         self.metadata = get_metadata_actor(ctx.app_name)
         self._registered = self._register(ray)
         self.publish_interval_s = publish_interval_s
+        self.stall_timeout_s = stall_timeout_s  # 0: never fail the health check for a stall
         self._publisher: asyncio.Task | None = None
         self._adapters_version = -1  # the registry version this replica last converged to
         self._adapter_errors: dict[str, str] = {}
@@ -183,6 +187,10 @@ class LLMServer:
         self._ensure_publisher()
         if not self.engine.is_healthy():
             raise RuntimeError(f"replica {self.replica_id}: engine unhealthy")
+        stalled = self.engine.stalled_for()
+        if self.stall_timeout_s and stalled > self.stall_timeout_s:
+            raise RuntimeError(f"replica {self.replica_id}: the engine made no progress for {stalled:.0f} s "
+                               f"with work queued (stall_timeout_s={self.stall_timeout_s:g})")
 
     def __del__(self) -> None:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -46,6 +47,7 @@ def add_serve_parser(sub, add_engine_flags) -> None:
                        help=f"CORS allowed {name} (a list, or vLLM's JSON list; default: "
                             f"{list(getattr(ClusterConfig, f'allowed_{name}')) or 'none'})")
     s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    _add_limit_flags(s, ClusterConfig)
     s.add_argument("--host", "--http-host", dest="http_host", default="127.0.0.1",
                    help="HTTP address (default: 127.0.0.1; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)
@@ -58,6 +60,26 @@ def add_serve_parser(sub, add_engine_flags) -> None:
     s.add_argument("--app-name", default="radixserve")
     s.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running")
     s.set_defaults(fn=cmd_serve)
+
+
+def _add_limit_flags(s, defaults) -> None:
+    """The HTTP layer's limits and access (ServerConfig), and the replica stall timeout."""
+    s.add_argument("--max-request-body-bytes", type=int, default=defaults.max_request_body_bytes,
+                   help=f"larger request bodies are a 413 (default: {defaults.max_request_body_bytes})")
+    s.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars,
+                   help="longer prompt texts are a 400 before tokenizing (default: max_model_len x the "
+                        "tokenizer's longest token)")
+    s.add_argument("--max-prompts-per-request", type=int, default=defaults.max_prompts_per_request,
+                   help=f"prompts in one completions batch (default: {defaults.max_prompts_per_request})")
+    s.add_argument("--max-stop-sequences", type=int, default=defaults.max_stop_sequences,
+                   help=f"entries in stop / stop_token_ids (default: {defaults.max_stop_sequences})")
+    s.add_argument("--metrics-api-key", default=None,
+                   help="the key /metrics requires (default: any --api-key; open without keys)")
+    s.add_argument("--allowed-lora-roots", nargs="+", default=list(defaults.allowed_lora_roots), metavar="DIR",
+                   help="directories /v1/load_lora_adapter may load from (default: none, runtime loading off)")
+    s.add_argument("--stall-timeout-s", type=float, default=defaults.stall_timeout_s,
+                   help="a replica with work but no engine progress this long fails its health check "
+                        f"(0: never; default: {defaults.stall_timeout_s:g})")
 
 
 def _replicas(text: str) -> int | str:
@@ -86,7 +108,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         api_keys=_api_keys(args.api_key), served_model_name=args.served_model_name,
                         allowed_origins=_cors(args.allowed_origins), allowed_methods=_cors(args.allowed_methods),
                         allowed_headers=_cors(args.allowed_headers), allow_credentials=args.allow_credentials,
-                        replica_cpus=args.replica_cpus, engine=engine_kwargs(args))
+                        replica_cpus=args.replica_cpus, engine=engine_kwargs(args),
+                        max_request_body_bytes=args.max_request_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                        max_prompts_per_request=args.max_prompts_per_request,
+                        max_stop_sequences=args.max_stop_sequences, metrics_api_key=args.metrics_api_key,
+                        allowed_lora_roots=tuple(os.path.abspath(r) for r in args.allowed_lora_roots), stall_timeout_s=args.stall_timeout_s)
     if args.ray_address:
         ray.init(address=args.ray_address, namespace="serve")
     else:

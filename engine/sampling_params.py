@@ -16,6 +16,9 @@ from typing import Any
 MAX_LOGPROBS = 20  # cap on logprobs / prompt_logprobs, as OpenAI's API does
 _U64 = (1 << 64) - 1
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+# Far above any useful temperature (at 100 the distribution is already near uniform), and
+# low enough that logits / temperature stays a normal float32 number (1e308 is inf there).
+MAX_TEMPERATURE = 100.0
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -28,8 +31,9 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_num(x: Any) -> bool:
+    """A finite number: JSON's Infinity and NaN parse as floats, and reach us as such."""
     return (isinstance(x, (int, float)) and not isinstance(x, bool)
-            and not (isinstance(x, float) and math.isnan(x)))
+            and not (isinstance(x, float) and not math.isfinite(x)))
 
 
 @dataclass
@@ -67,8 +71,9 @@ class SamplingParams:
         _require(_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
         _require(self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n),
                  f"best_of must be an int >= n ({self.n}), got {self.best_of!r}")
-        _require(_is_num(self.temperature) and self.temperature >= 0,
-                 f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        _require(_is_num(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+                 f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy), "
+                 f"got {self.temperature!r}")
         _require(_is_num(self.top_p) and 0 < self.top_p <= 1,
                  f"top_p must be in (0, 1], got {self.top_p!r}")
         _require(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),

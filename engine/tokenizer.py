@@ -11,6 +11,7 @@ imports transformers.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,13 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters. Byte-level entries spell one character
+        per byte, so no token decodes to more characters than this: a text longer than
+        ``n * max_token_chars`` cannot encode to ``n`` tokens or fewer."""
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def apply_chat_template(self, messages: list[dict[str, Any]] | list[ChatMessage],
                             add_generation_prompt: bool = True, **kwargs: Any) -> str:

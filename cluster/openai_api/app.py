@@ -10,7 +10,9 @@ replica, after the backend exists: ``@serve.ingress()`` on a class whose
 """
 from __future__ import annotations
 
-import hmac
+import asyncio
+import logging
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -26,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve import __version__
 from radixserve.cluster.backend import Backend
+from radixserve.cluster.openai_api.adapters import AdapterOwners, allowed_lora_path, not_loaded, path_refused
+from radixserve.cluster.openai_api.guards import BodyLimit, check_count, check_text_length, tenant_for_token
 from radixserve.cluster.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -58,8 +62,11 @@ from radixserve.cluster.openai_api.serving import (
     ClientDisconnected,
     Job,
     SSEResponse,
+    backend_errors,
+    for_client,
     open_streams,
     run_to_end,
+    server_error,
     sse_events,
     unavailable,
     until_disconnect,
@@ -71,6 +78,7 @@ from radixserve.engine.tokenizer import Tokenizer
 
 __all__ = ["ServerConfig", "attach_backend", "build_app"]
 
+log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-radixserve-replica"
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it
@@ -92,6 +100,17 @@ class ServerConfig:
     allowed_origins / allowed_methods / allowed_headers / allow_credentials: CORS, as vLLM's
         flags. No origin is allowed by default (the server binds loopback; a web page the
         user visits must not be able to call it); ``("*",)`` allows any.
+    max_request_body_bytes: a larger body is a 413, refused before it is read in full.
+    max_prompt_chars: a longer prompt text (or chat content, or /tokenize input) is a 400
+        before it is tokenized; None: max_model_len x the tokenizer's longest token, the
+        most characters that could ever fit.
+    max_prompts_per_request: most prompts in one /v1/completions batch.
+    max_stop_sequences: most entries in ``stop``, and in ``stop_token_ids``.
+    metrics_api_key: the key /metrics asks for (its per-replica prefix-hit counters show
+        other tenants' traffic); None: any API key, or none on an open server.
+    allowed_lora_roots: directories runtime LoRA loads (/v1/load_lora_adapter) may read
+        from, as vLLM's --allowed-local-media-path; empty (the default): runtime loading is
+        off. Adapters given at startup (lora_modules) are not restricted.
     """
 
     served_model_name: str | tuple[str, ...] | None = None
@@ -104,6 +123,12 @@ class ServerConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    max_request_body_bytes: int = 8 * 2**20
+    max_prompt_chars: int | None = None
+    max_prompts_per_request: int = 256
+    max_stop_sequences: int = 64
+    metrics_api_key: str | None = None
+    allowed_lora_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
@@ -127,6 +152,21 @@ class ServerConfig:
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
         if not (isinstance(self.disconnect_poll_s, (int, float)) and 0 < self.disconnect_poll_s <= 10):
             raise ValueError(f"disconnect_poll_s must be in (0, 10], got {self.disconnect_poll_s!r}")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        for name in ("max_request_body_bytes", "max_prompts_per_request", "max_stop_sequences", "max_prompt_chars"):
+            value = getattr(self, name)
+            if not (value is None and name == "max_prompt_chars") and not (type(value) is int and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        key = self.metrics_api_key
+        if key is not None and not (isinstance(key, str) and key and key == key.strip() and " " not in key):
+            raise ValueError("metrics_api_key must be a non-empty string without spaces")
+        roots = self.allowed_lora_roots
+        if isinstance(roots, str) or not all(isinstance(r, str) and os.path.isabs(r) for r in roots):
+            raise ValueError(f"allowed_lora_roots must be a list of absolute directories, got {roots!r}")
+        # Resolved once, so a load is compared against the real directories (no symlink escapes).
+        object.__setattr__(self, "allowed_lora_roots", tuple(os.path.realpath(r) for r in roots))
 
     def served_names(self) -> tuple[str, ...]:
         names = self.served_model_name
@@ -145,9 +185,11 @@ class ServerConfig:
 
 def build_app(backend: Backend | None, config: ServerConfig) -> FastAPI:
     """The app; with backend None, generation and /health answer 503 until attach_backend."""
-    app = FastAPI(title="radixserve", docs_url=None, redoc_url=None)
+    # /openapi.json is served by our own route, behind the API key (docs pages stay off).
+    app = FastAPI(title="radixserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.backend = None
+    app.state.lora_owners = AdapterOwners()  # who loaded which adapter at run time
     if backend is not None:
         attach_backend(app, backend)
     app.add_exception_handler(APIError, _api_error)
@@ -155,10 +197,12 @@ def build_app(backend: Backend | None, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)
+    app.add_exception_handler(Exception, _unexpected)
     # Always installed, so a preflight OPTIONS gets an answer (400 for an origin not allowed).
     app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                        allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
                        allow_credentials=config.allow_credentials)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
     _add_routes(app)
     return app
 
@@ -173,12 +217,31 @@ def attach_backend(app: FastAPI, backend: Backend) -> None:
 
 # -- errors ------------------------------------------------------------------------------------
 
-def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body().model_dump(mode="json"), status_code=exc.status)
+def _error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body().model_dump(mode="json"), status_code=exc.status, headers=headers)
 
 
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return _error_response(exc)
+def _request_id(request: Request) -> str:
+    """The id the handler gave this request (its response id), else a fresh one."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.state.request_id = f"req-{uuid.uuid4().hex}"
+    return rid
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    if exc.status < 500:
+        return _error_response(exc)
+    # A server-side failure: the client gets a short message and the request id, the log the details.
+    rid = _request_id(request)
+    return _error_response(for_client(exc, rid), {REQUEST_ID_HEADER: rid})
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Anything no other handler took: a 500 in the OpenAI shape, never a traceback."""
+    rid = _request_id(request)
+    log.error("request %s failed", rid, exc_info=exc)
+    return _error_response(for_client(server_error("internal server error"), rid), {REQUEST_ID_HEADER: rid})
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -225,19 +288,16 @@ async def tenant_of(request: Request) -> str | None:
     keys = _config(request).api_keys
     if keys is None:
         return None
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                       code="invalid_api_key")
-    token = token.strip()
-    # compare_digest over every key: the time taken does not depend on which key matched.
-    tenant = None
-    for key, name in keys.items():
-        if hmac.compare_digest(key.encode(), token.encode()):
-            tenant = name
-    if tenant is None:
-        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
-    return tenant
+    return tenant_for_token(keys, request.headers.get("authorization", ""))
+
+
+async def metrics_access(request: Request) -> None:
+    """/metrics: the metrics key when one is set, else any API key (none on an open server)."""
+    config = _config(request)
+    if config.metrics_api_key is not None:
+        tenant_for_token({config.metrics_api_key: "metrics"}, request.headers.get("authorization", ""))
+    else:
+        await tenant_of(request)
 
 
 def _base_names(request: Request) -> tuple[str, ...]:
@@ -249,18 +309,33 @@ def _base_name(request: Request) -> str:
     return _base_names(request)[0]
 
 
-def _resolve_model(request: Request, requested: str | None) -> tuple[str, str | None]:
-    """(name to report, LoRA adapter or None); an unknown name is a 404."""
+def _owners(request: Request) -> AdapterOwners:
+    return request.app.state.lora_owners
+
+
+def _resolve_model(request: Request, requested: str | None, tenant: str | None) -> tuple[str, str | None]:
+    """(name to report, LoRA adapter or None); an unknown name (or another tenant's adapter) is a 404."""
     backend, names = _backend(request), _base_names(request)
     if requested is None or requested in (*names, backend.model_name):
         return names[0], None
-    if requested in backend.model_names():
+    known = backend.model_names()
+    if requested in known and _owners(request).visible(requested, tenant, known):
         return requested, requested
     raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
 
 
 def _max_model_len(request: Request) -> int:
     return _config(request).max_model_len or _backend(request).max_model_len
+
+
+def _max_chars(request: Request) -> int:
+    """Longest text that could fit in the context (ServerConfig.max_prompt_chars)."""
+    config = _config(request)
+    return config.max_prompt_chars or _max_model_len(request) * _backend(request).tokenizer.max_token_chars
+
+
+def _check_length(request: Request, text: str, param: str) -> None:
+    check_text_length(text, _max_chars(request), _max_model_len(request), param)
 
 
 async def _require_healthy(backend: Backend) -> None:
@@ -277,23 +352,44 @@ def _headers(request: Request, rid: str, replicas: list[str]) -> dict[str, str]:
     return headers
 
 
-def _encode_chat(tok: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool,
-                 template_kwargs: dict[str, Any] | None = None) -> tuple[list[int], str]:
-    try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                       **(template_kwargs or {}))
-    except (jinja2.TemplateError, ValueError, TypeError) as exc:
-        raise RequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
-    # The template wrote BOS itself, so the tokenizer must not add another.
-    return tok.encode(text, add_special_tokens=False), text
+async def _encode_chat(request: Request, messages: list[dict[str, str]], add_generation_prompt: bool,
+                       template_kwargs: dict[str, Any] | None = None) -> tuple[list[int], str]:
+    """Render and tokenize in a thread, so a long conversation never stalls the event loop;
+    both are bounded by the cheap length checks first."""
+    _check_length(request, "".join(m["content"] for m in messages), "messages")
+    tok = _backend(request).tokenizer
+
+    def work() -> tuple[list[int], str]:
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                           **(template_kwargs or {}))
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:
+            raise RequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
+        _check_length(request, text, "messages")
+        # The template wrote BOS itself, so the tokenizer must not add another.
+        return tok.encode(text, add_special_tokens=False), text
+    return await asyncio.to_thread(work)
 
 
-def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
-                     namespace: tuple[str, ...], lora: str | None) -> list[Job]:
+async def _encode_prompts(request: Request, prompts: list[str | list[int]]) -> list[tuple[list[int], str | None]]:
+    """(token ids, text or None) per prompt; texts are length-checked, then tokenized in a thread."""
+    for p in prompts:
+        if isinstance(p, str):
+            _check_length(request, p, "prompt")
+    tok = _backend(request).tokenizer
+    if all(not isinstance(p, str) for p in prompts):
+        return [(list(p), None) for p in prompts]
+    return await asyncio.to_thread(
+        lambda: [(tok.encode(p), p) if isinstance(p, str) else (list(p), None) for p in prompts])
+
+
+async def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
+                           namespace: tuple[str, ...], lora: str | None) -> list[Job]:
     tok, limit = _backend(request).tokenizer, _max_model_len(request)
+    prompts = completion_prompts(body)
+    check_count(prompts, _config(request).max_prompts_per_request, "prompt", "prompts")
     jobs = []
-    for i, prompt in enumerate(completion_prompts(body)):
-        ids, text = (tok.encode(prompt), prompt) if isinstance(prompt, str) else (prompt, None)
+    for i, (ids, text) in enumerate(await _encode_prompts(request, prompts)):
         if not ids or text == "":  # "" may still encode to a lone BOS
             raise RequestError("the prompt is empty", param="prompt")
         _check_vocab(tok, ids)
@@ -327,11 +423,10 @@ def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
                            param="prompt")
 
 
-def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...],
-              lora: str | None) -> Job:
-    tok = _backend(request).tokenizer
-    ids, text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt is not False,
-                             body.chat_template_kwargs)
+async def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...],
+                    lora: str | None) -> Job:
+    ids, text = await _encode_chat(request, chat_messages(body.messages), body.add_generation_prompt is not False,
+                                   body.chat_template_kwargs)
     if not ids:
         raise RequestError("the rendered chat prompt is empty", param="messages")
     max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), _max_model_len(request),
@@ -346,9 +441,17 @@ async def _prepare(request: Request, body: CompletionRequest | ChatCompletionReq
     namespace, LoRA adapter or None). The engine puts the adapter's own
     content-hashed namespace in front of the returned one."""
     check_supported(body)
-    model, adapter = _resolve_model(request, body.model)
+    limit = _config(request).max_stop_sequences
+    check_count(body.stop if isinstance(body.stop, list) else None, limit, "stop", "stop sequences")
+    check_count(body.stop_token_ids, limit, "stop_token_ids", "stop token ids")
+    model, adapter = _resolve_model(request, body.model, tenant)
     await _require_healthy(_backend(request))
     return model, request_namespace(tenant, body.cache_salt), adapter
+
+
+def _new_request_id(request: Request, prefix: str) -> str:
+    rid = request.state.request_id = f"{prefix}-{uuid.uuid4().hex}"
+    return rid
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -366,23 +469,24 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/openapi.json", openapi, methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"])
     app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])
 
 
 async def create_completion(body: CompletionRequest, request: Request,
                             tenant: str | None = Depends(tenant_of)) -> Response:
+    rid, created = _new_request_id(request, "cmpl"), int(time.time())
     model, namespace, lora = await _prepare(request, body, tenant)
     backend, config = _backend(request), _config(request)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    jobs = _completion_jobs(request, body, rid, namespace, lora)
+    jobs = await _completion_jobs(request, body, rid, namespace, lora)
     n, logprobs, echo = jobs[0].params.n, body.logprobs is not None, bool(body.echo)
     text = TokenText(backend.tokenizer, jobs[0].params.skip_special_tokens)
     if body.wants_stream:
         opened = await until_disconnect(request, open_streams(backend, jobs), config.disconnect_poll_s)
         streamer = CompletionStreamer(rid, created, model, n, logprobs, echo, text, bool(body.return_token_ids))
         final = (lambda outs: [streamer.usage_chunk(outs)]) if body.include_usage_in_stream else (lambda _: [])
-        return SSEResponse(sse_events(opened, streamer.chunks, final),
+        return SSEResponse(sse_events(opened, streamer.chunks, final, rid),
                            headers=_headers(request, rid, [o.stream.replica_id for o in opened]))
 
     async def work() -> tuple[list[RequestOutput], list[str]]:
@@ -395,17 +499,17 @@ async def create_completion(body: CompletionRequest, request: Request,
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  tenant: str | None = Depends(tenant_of)) -> Response:
+    rid, created = _new_request_id(request, "chatcmpl"), int(time.time())
     model, namespace, lora = await _prepare(request, body, tenant)
     backend, config = _backend(request), _config(request)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    job = _chat_job(request, body, rid, namespace, lora)
+    job = await _chat_job(request, body, rid, namespace, lora)
     top = job.params.logprobs  # None unless logprobs=true
     text = TokenText(backend.tokenizer, job.params.skip_special_tokens)
     if body.wants_stream:
         opened = await until_disconnect(request, open_streams(backend, [job]), config.disconnect_poll_s)
         streamer = ChatStreamer(rid, created, model, job.params.n, top, text, bool(body.return_token_ids))
         final = (lambda outs: [streamer.usage_chunk(outs)]) if body.include_usage_in_stream else (lambda _: [])
-        return SSEResponse(sse_events(opened, lambda _, out: streamer.chunks(out), final),
+        return SSEResponse(sse_events(opened, lambda _, out: streamer.chunks(out), final, rid),
                            headers=_headers(request, rid, [opened[0].stream.replica_id]))
 
     async def work() -> tuple[RequestOutput, str]:
@@ -417,45 +521,60 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 
 
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request,
-                            _: str | None = Depends(tenant_of)) -> PlainTextResponse:
-    """Load (or reload with new weights) an adapter on every replica; 400 for a bad one."""
-    if body.lora_name in (*_base_names(request), _backend(request).model_name):
-        raise APIError(400, f"'{body.lora_name}' is the base model's name", param="lora_name")
+                            tenant: str | None = Depends(tenant_of)) -> PlainTextResponse:
+    """Load (or reload with new weights) an adapter on every replica, from an allowed root
+    (adapters.py: ownership and paths); 400 for a bad adapter."""
+    backend, name = _backend(request), body.lora_name
+    if name in (*_base_names(request), backend.model_name):
+        raise APIError(400, f"'{name}' is the base model's name", param="lora_name")
+    path = await asyncio.to_thread(allowed_lora_path, body.lora_path, _config(request).allowed_lora_roots)
+    owners = _owners(request)
+    previous = owners.claim(name, tenant, backend.model_names())  # before the await: no racing claim
     try:
-        await _backend(request).load_adapter(body.lora_name, body.lora_path)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="lora_path") from exc
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+        with backend_errors():
+            await backend.load_adapter(name, path)
+    except OSError:  # unreadable after all (a race, a weights file it may not open): the one refusal
+        owners.restore(name, previous)
+        raise path_refused() from None
+    except BaseException:
+        owners.restore(name, previous)
+        raise
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request,
-                              _: str | None = Depends(tenant_of)) -> PlainTextResponse:
+                              tenant: str | None = Depends(tenant_of)) -> PlainTextResponse:
+    backend, name, owners = _backend(request), body.lora_name, _owners(request)
+    owners.check_unload(name, tenant, backend.model_names())
     try:
-        await _backend(request).unload_adapter(body.lora_name)
-    except KeyError as exc:
-        raise APIError(404, f"The LoRA adapter `{body.lora_name}` is not loaded.", param="lora_name",
-                       code="model_not_found") from exc
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+        with backend_errors():
+            await backend.unload_adapter(name)
+    except KeyError:
+        owners.forget(name)
+        raise not_loaded(name) from None
+    owners.forget(name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
-def _model_cards(request: Request) -> list[ModelCard]:
-    """The base model under each served name, then each LoRA adapter. ``root`` is the model's
-    local directory, so a client can load the tokenizer from it."""
+def _model_cards(request: Request, tenant: str | None) -> list[ModelCard]:
+    """The base model under each served name, then each LoRA adapter the tenant may use.
+    ``root`` is the model's local directory, so a client can load the tokenizer from it."""
     backend, base, created = _backend(request), _base_name(request), int(time.time())
     limit, names = _max_model_len(request), _base_names(request)
     cards = [ModelCard(id=n, created=created, root=backend.model_root, max_model_len=limit) for n in names]
-    for name in backend.model_names():
-        if name not in (*names, backend.model_name):
+    known = backend.model_names()
+    for name in known:
+        if name not in (*names, backend.model_name) and _owners(request).visible(name, tenant, known):
             cards.append(ModelCard(id=name, created=created, root=name, parent=base, max_model_len=limit))
     return cards
 
 
-async def list_models(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
-    return JSONResponse(ModelList(data=_model_cards(request)).model_dump(mode="json"))
+async def list_models(request: Request, tenant: str | None = Depends(tenant_of)) -> JSONResponse:
+    return JSONResponse(ModelList(data=_model_cards(request, tenant)).model_dump(mode="json"))
 
 
-async def get_model(model_id: str, request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
-    card = next((c for c in _model_cards(request) if c.id == model_id), None)
+async def get_model(model_id: str, request: Request, tenant: str | None = Depends(tenant_of)) -> JSONResponse:
+    card = next((c for c in _model_cards(request, tenant) if c.id == model_id), None)
     if card is None:
         raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
     return JSONResponse(card.model_dump(mode="json"))
@@ -470,23 +589,26 @@ async def ping(request: Request) -> Response:
     return await health(request)
 
 
-async def tokenize(body: TokenizeRequest, request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
-    _resolve_model(request, body.model)
+async def tokenize(body: TokenizeRequest, request: Request,
+                   tenant: str | None = Depends(tenant_of)) -> JSONResponse:
+    _resolve_model(request, body.model, tenant)
     tok = _backend(request).tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
     if body.messages is not None:
-        ids, _text = _encode_chat(tok, chat_messages(body.messages), body.add_generation_prompt)
+        ids, _text = await _encode_chat(request, chat_messages(body.messages), body.add_generation_prompt)
     else:
-        ids = tok.encode(valid_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens)
+        prompt = valid_text(body.prompt, "prompt")
+        _check_length(request, prompt, "prompt")
+        ids = await asyncio.to_thread(tok.encode, prompt, body.add_special_tokens)
     strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
     resp = TokenizeResponse(count=len(ids), max_model_len=_max_model_len(request), tokens=ids, token_strs=strs)
     return JSONResponse(resp.model_dump(mode="json"))
 
 
 async def detokenize(body: DetokenizeRequest, request: Request,
-                     _: str | None = Depends(tenant_of)) -> JSONResponse:
-    _resolve_model(request, body.model)
+                     tenant: str | None = Depends(tenant_of)) -> JSONResponse:
+    _resolve_model(request, body.model, tenant)
     tok = _backend(request).tokenizer
     bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
     if bad is not None:
@@ -495,10 +617,16 @@ async def detokenize(body: DetokenizeRequest, request: Request,
 
 
 async def health(request: Request) -> Response:
+    """Open (no API key): load balancers and Serve probe it."""
     await _require_healthy(_backend(request))
     return Response(status_code=200)
 
 
-async def metrics(request: Request) -> PlainTextResponse:
-    text = await _backend(request).metrics_text()
+async def metrics(request: Request, _: None = Depends(metrics_access)) -> PlainTextResponse:
+    with backend_errors():
+        text = await _backend(request).metrics_text()
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi(request: Request, _: str | None = Depends(tenant_of)) -> JSONResponse:
+    return JSONResponse(request.app.openapi())

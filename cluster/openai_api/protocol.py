@@ -239,6 +239,10 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return [valid_text(t, "prompt") if isinstance(t, str) else t for t in p]
 
 
+# OpenAI's message roles; anything else would reach the chat template unchecked.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Messages as the chat template wants them: role and plain-text content.
 
@@ -248,6 +252,9 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
         raise RequestError("messages must not be empty", param="messages")
     out = []
     for m in messages:
+        if m.role not in CHAT_ROLES:
+            raise RequestError(f"unknown message role {m.role[:32]!r}; expected one of {', '.join(CHAT_ROLES)}",
+                               param="messages")
         if m.content is None or isinstance(m.content, str):
             text = m.content or ""
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -27,15 +28,19 @@ from radixserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal colour codes (Ray's exception text has them)
 
 
 class APIError(Exception):
-    """An error answered in the OpenAI error shape."""
+    """An error answered in the OpenAI error shape. ``detail`` (internal: exception text,
+    replica ids) goes to the log only, never to the client."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, detail: str | None = None):
+        message = _ANSI.sub("", message)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.detail = detail
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
@@ -46,12 +51,27 @@ class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
 
 
-def server_error(message: str) -> APIError:
-    return APIError(500, message, "server_error", code="internal_error")
+def server_error(message: str, detail: str | None = None) -> APIError:
+    return APIError(500, message, "server_error", code="internal_error", detail=detail)
 
 
-def unavailable(message: str) -> APIError:
-    return APIError(503, message, "service_unavailable_error", code="service_unavailable")
+def unavailable(message: str, detail: str | None = None) -> APIError:
+    return APIError(503, message, "service_unavailable_error", code="service_unavailable", detail=detail)
+
+
+def for_client(exc: APIError, request_id: str) -> APIError:
+    """A server-side error as the client sees it: our message plus the request id; what
+    went wrong inside is logged here under that id."""
+    log.error("request %s: %d %s%s", request_id, exc.status, exc.message,
+              f": {exc.detail}" if exc.detail else "", exc_info=exc.__cause__)
+    return APIError(exc.status, f"{exc.message} (request id: {request_id})", exc.type, exc.param, exc.code)
+
+
+def client_message(exc: BaseException) -> str:
+    """The text of a bad-request error. One raised on a replica arrives wrapped by Ray
+    (its text then holds the traceback, pid and node address): use the cause's text."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc)
 
 
 @contextlib.contextmanager
@@ -62,19 +82,18 @@ def backend_errors() -> Iterator[None]:
     except APIError:
         raise
     except BackendUnavailableError as exc:
-        raise unavailable(str(exc)) from exc
+        raise unavailable("no model replica can serve the request now; retry later", str(exc)) from exc
     except ValueError as exc:
-        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from exc
+        raise APIError(400, client_message(exc), param=getattr(exc, "param", None)) from exc
     except Exception as exc:
-        log.exception("backend failure")
-        raise server_error(f"{type(exc).__name__}: {exc}") from exc
+        raise server_error("internal server error", f"{type(exc).__name__}: {exc}") from exc
 
 
 def check_output(out: RequestOutput) -> None:
     """An engine-side failure of this request is a 500 (or an error event once streaming)."""
     failed = next((c for c in out.outputs if c.finish_reason == "error"), None)
     if out.error is not None or failed is not None:
-        raise server_error(f"the engine failed this request: {out.error or 'unknown error'}")
+        raise server_error("the engine failed this request", out.error or "unknown error")
 
 
 # -- streams ------------------------------------------------------------------------------
@@ -212,7 +231,8 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 async def sse_events(opened: list[Opened], render: Callable[[int, RequestOutput], list[BaseModel]],
-                     final: Callable[[list[RequestOutput]], list[BaseModel]]) -> AsyncIterator[str]:
+                     final: Callable[[list[RequestOutput]], list[BaseModel]],
+                     request_id: str = "") -> AsyncIterator[str]:
     """The SSE body: render(stream index, output) per output, then final(last outputs), then [DONE].
 
     An engine failure after the headers went out becomes an error event (as vLLM does).
@@ -229,7 +249,7 @@ async def sse_events(opened: list[Opened], render: Callable[[int, RequestOutput]
         for chunk in final(last):
             yield sse(chunk)
     except APIError as exc:
-        yield sse(exc.body())
+        yield sse((for_client(exc, request_id) if exc.status >= 500 else exc).body())
     finally:
         await close_all(opened)
     yield SSE_DONE

@@ -4,6 +4,11 @@ The model runs in its own thread (torch releases the GIL in its kernels), so
 an asyncio server stays responsive while a step computes. Requests and aborts
 reach the engine thread through an inbox; outputs come back to each request's
 asyncio queue with ``call_soon_threadsafe``.
+
+Progress watchdog: the loop stamps ``_progress_at`` whenever it is idle or a
+step ran the model (or finished a request); ``stalled_for()`` is how long it
+has had work without either, so a replica whose engine hangs inside a step, or
+steps without ever scheduling anything, can fail its health check.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -61,6 +67,7 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._stop = False
         self._dead: BaseException | None = None
+        self._progress_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="radixserve-engine", daemon=True)
         self._thread.start()
 
@@ -136,6 +143,11 @@ class AsyncLLMEngine:
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive() and self.engine.is_healthy()
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work queued without making progress (about 0 while
+        it is idle or stepping usefully; grows while a step hangs or schedules nothing)."""
+        return max(0.0, time.monotonic() - self._progress_at)
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
@@ -157,6 +169,10 @@ class AsyncLLMEngine:
         out = engine.abort_request(request_id)
         if sink is not None and out is not None:
             sink(out)
+
+    def _steps_run(self) -> int:
+        # Counted by the engine for each step that ran the model (read on its own thread).
+        return self.engine.metrics.histograms["step_seconds"].count
 
     def _drain_inbox(self) -> None:
         while True:
@@ -185,10 +201,16 @@ class AsyncLLMEngine:
             while not self._stop:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
+                    self._progress_at = time.monotonic()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                    self._progress_at = time.monotonic()
                     continue
-                for out in self.engine.step():
+                steps = self._steps_run()
+                outs = self.engine.step()
+                if outs or self._steps_run() != steps:
+                    self._progress_at = time.monotonic()
+                for out in outs:
                     sink = self._sinks.get(out.request_id)
                     if sink is not None:
                         if out.finished:

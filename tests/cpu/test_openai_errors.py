@@ -27,8 +27,10 @@ def test_api_keys(http, keyed_url):
         assert_error(basic, 401)
         ok = http.request(method, keyed_url + path, json=body, headers={"Authorization": "Bearer key-bob"})
         assert ok.status_code == 200, (path, ok.text)
-    assert http.get(f"{keyed_url}/health").status_code == 200
-    assert http.get(f"{keyed_url}/metrics").status_code == 200
+    assert http.get(f"{keyed_url}/health").status_code == 200  # open: probes carry no key
+    for path in ("/metrics", "/openapi.json"):  # both behind the key (per-replica hit counters)
+        assert_error(http.get(keyed_url + path), 401, code="invalid_api_key")
+        assert http.get(keyed_url + path, headers={"Authorization": "Bearer key-bob"}).status_code == 200
     # Auth is checked before the body: a bad body without a key is still a 401.
     assert http.post(f"{keyed_url}/v1/completions", json={"bogus": 1}).status_code == 401
 
@@ -166,7 +168,9 @@ def test_unhealthy_backend_is_503(http, engine):
 
 def test_engine_failure_is_500(http, engine):
     with serve(build_app(_FailingBackend(engine, good=0), ServerConfig())) as base:
-        assert_error(http.post(f"{base}/v1/completions", json={"prompt": "x"}), 500, contains="boom")
+        err = assert_error(http.post(f"{base}/v1/completions", json={"prompt": "x"}), 500,
+                           contains="request id: cmpl-")
+        assert "boom" not in err["message"]  # the engine's own text goes to the log, not the client
         assert_error(http.post(f"{base}/v1/completions", json={"prompt": "x", "stream": True}), 500)
     with serve(build_app(_FailingBackend(engine, good=2), ServerConfig())) as base:
         assert_error(http.post(f"{base}/v1/chat/completions",
@@ -174,7 +178,8 @@ def test_engine_failure_is_500(http, engine):
         # Once streaming, a failure is an error event, then [DONE].
         _, events = post_sse(http, f"{base}/v1/chat/completions",
                              {"messages": [{"role": "user", "content": "x"}]})
-        assert events[-1] == "[DONE]" and "boom" in events[-2]["error"]["message"]
+        assert events[-1] == "[DONE]" and "request id: chatcmpl-" in events[-2]["error"]["message"]
+        assert "boom" not in events[-2]["error"]["message"]
 
 
 # -- config --------------------------------------------------------------------------------------------
