@@ -532,10 +532,10 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request,
     previous = owners.claim(name, tenant, backend.model_names())  # before the await: no racing claim
     try:
         with backend_errors():
-            await backend.load_adapter(name, path)
-    except OSError:  # unreadable after all (a race, a weights file it may not open): the one refusal
-        owners.restore(name, previous)
-        raise path_refused() from None
+            try:
+                await backend.load_adapter(name, path)
+            except OSError:  # unreadable after all (a race, a file it may not open): the one refusal
+                raise path_refused() from None
     except BaseException:
         owners.restore(name, previous)
         raise
@@ -546,13 +546,13 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request,
                               tenant: str | None = Depends(tenant_of)) -> PlainTextResponse:
     backend, name, owners = _backend(request), body.lora_name, _owners(request)
     owners.check_unload(name, tenant, backend.model_names())
-    try:
-        with backend_errors():
+    with backend_errors():
+        try:
             await backend.unload_adapter(name)
-    except KeyError:
-        owners.forget(name)
-        raise not_loaded(name) from None
-    owners.forget(name)
+        except KeyError:
+            raise not_loaded(name) from None
+        finally:
+            owners.forget(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 

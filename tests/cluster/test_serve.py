@@ -240,7 +240,7 @@ def test_lora_adapter_loaded_on_every_replica_and_served(cluster, tmp_path):
     from radixserve.engine.lora.request import LoRARequest
     from radixserve.engine.model.hf_config import load_arch_config
     from tests.cpu.helpers import write_adapter
-    path = write_adapter(tmp_path / "sql", load_arch_config(cluster.model_dir), seed=3)
+    path = write_adapter(cluster.lora_root / "sql", load_arch_config(cluster.model_dir), seed=3)
     c = client(cluster)
     r = c.post("/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "sql", "lora_path": str(path)})
     assert r.status_code == 200, r.text
@@ -255,7 +255,7 @@ def test_lora_adapter_loaded_on_every_replica_and_served(cluster, tmp_path):
         seen.add(out.headers["x-radixserve-replica"])
     assert complete(c, prompt).json()["choices"][0]["text"] != ref.outputs[0].text  # base model differs
     bad = c.post("/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "bad", "lora_path": str(tmp_path)})
-    assert bad.status_code == 400
+    assert bad.status_code == 403  # outside the allowed roots
     assert c.post("/v1/unload_lora_adapter", headers=AUTH, json={"lora_name": "sql"}).status_code == 200
     assert complete(c, prompt, model="sql").status_code == 404
 

@@ -24,9 +24,10 @@ def adapter_dirs(tmp_path_factory, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def lora_url(tiny_dir):
+def lora_url(tiny_dir, adapter_dirs):
     eng = AsyncLLMEngine.from_kwargs(str(tiny_dir), max_model_len=512, enable_lora=True, max_loras=2)
-    with serve(build_app(LocalBackend(eng, model_name=MODEL), ServerConfig())) as base:
+    config = ServerConfig(allowed_lora_roots=(str(adapter_dirs["sql"].parent),))
+    with serve(build_app(LocalBackend(eng, model_name=MODEL), config)) as base:
         yield base
     eng.shutdown()
 
@@ -59,14 +60,14 @@ def test_load_select_and_unload(http, lora_url, adapter_dirs, tiny_dir):
     assert complete(http, lora_url, "sql", prompt).status_code == 404
 
 
-def test_unknown_and_bad_adapters(http, lora_url, adapter_dirs, tmp_path):
+def test_unknown_and_bad_adapters(http, lora_url, adapter_dirs):
     assert complete(http, lora_url, "nope", [5, 6, 7]).status_code == 404
     r = http.post(f"{lora_url}/v1/unload_lora_adapter", json={"lora_name": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    missing = tmp_path / "empty"
-    missing.mkdir()
-    r = http.post(f"{lora_url}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(missing)})
-    assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
+    empty = adapter_dirs["sql"].parent / "empty"
+    empty.mkdir()
+    r = http.post(f"{lora_url}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(empty)})
+    assert r.status_code == 403 and "allowed LoRA roots" in r.json()["error"]["message"]
     r = http.post(f"{lora_url}/v1/load_lora_adapter", json={"lora_name": "bad"})
     assert r.status_code == 400
     assert complete(http, lora_url, MODEL, [5, 6, 7]).status_code == 200  # serving intact
@@ -91,7 +92,8 @@ def test_load_and_unload_while_requests_run(http, lora_url, adapter_dirs):
 
 def test_lora_endpoints_need_a_lora_engine(http, tiny_dir, adapter_dirs):
     eng = AsyncLLMEngine.from_kwargs(str(tiny_dir), max_model_len=256)
-    with serve(build_app(LocalBackend(eng, model_name=MODEL), ServerConfig())) as base:
+    config = ServerConfig(allowed_lora_roots=(str(adapter_dirs["sql"].parent),))
+    with serve(build_app(LocalBackend(eng, model_name=MODEL), config)) as base:
         r = http.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapter_dirs["sql"])})
         assert r.status_code == 400 and "enable_lora" in r.json()["error"]["message"]
     eng.shutdown()
