@@ -145,7 +145,7 @@ class LLMServer:
                 try:
                     await self.engine.load_lora(LoRARequest(name, path))
                     self._adapter_errors.pop(name, None)
-                except ValueError as exc:
+                except (ValueError, OSError) as exc:  # an unreadable file too: reported, not retried forever
                     self._adapter_errors[name] = f"error: {exc}"
             self._adapters_version = version
         loaded = {n: a.namespace for n, a in lora.adapters.items()}

@@ -198,11 +198,12 @@ def build_app(backend: Backend | None, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
-    # Always installed, so a preflight OPTIONS gets an answer (400 for an origin not allowed).
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
+    # Always installed (outermost, so a 413 carries CORS headers too), so a preflight OPTIONS
+    # gets an answer (400 for an origin not allowed).
     app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                        allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
                        allow_credentials=config.allow_credentials)
-    app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
     _add_routes(app)
     return app
 
@@ -464,7 +465,8 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_api_route("/version", version, methods=["GET"])
-    app.add_api_route("/ping", ping, methods=["GET", "POST"])
+    app.add_api_route("/ping", ping, methods=["GET"])
+    app.add_api_route("/ping", ping, methods=["POST"], operation_id="ping_post")  # one id per operation
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
@@ -613,7 +615,8 @@ async def detokenize(body: DetokenizeRequest, request: Request,
     bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
-    return JSONResponse(DetokenizeResponse(prompt=tok.decode(body.tokens)).model_dump(mode="json"))
+    text = await asyncio.to_thread(tok.decode, body.tokens)  # a long list: off the event loop
+    return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
 
 
 async def health(request: Request) -> Response:

@@ -30,7 +30,7 @@ def client(cluster, base=None) -> httpx.Client:
 
 def router_reasons(c: httpx.Client) -> dict[str, float]:
     out: dict[str, float] = {}
-    for line in c.get("/metrics").text.splitlines():
+    for line in c.get("/metrics", headers=AUTH).text.splitlines():
         if line.startswith("radixserve:router_decisions_total{"):
             reason = line.split('reason="')[1].split('"')[0]
             out[reason] = out.get(reason, 0) + float(line.rsplit(" ", 1)[1])
@@ -95,8 +95,8 @@ def test_cluster_metrics_are_valid_prometheus_text(cluster):
     c = client(cluster)
     for i in range(4):
         complete(c, f"metrics from both replicas {i} " * 8)
-    wait_for(lambda: c.get("/metrics").text.count("radixserve:num_requests_running{") >= 2)
-    fams = list(text_string_to_metric_families(c.get("/metrics").text))
+    wait_for(lambda: c.get("/metrics", headers=AUTH).text.count("radixserve:num_requests_running{") >= 2)
+    fams = list(text_string_to_metric_families(c.get("/metrics", headers=AUTH).text))
     names = [f.name for f in fams]
     assert len(names) == len(set(names)), "a family repeats its header"
     running = next(f for f in fams if f.name == "vllm:num_requests_running")
@@ -159,6 +159,7 @@ def test_auth_validation_and_unknown_model(cluster):
     r = complete(c, "x", top_p=7)
     assert r.status_code == 400
     assert c.get("/health").status_code == 200
+    assert c.get("/metrics").status_code == 401  # behind the key: per-replica hit counters
 
 
 def test_tenant_and_salt_isolation(cluster):
