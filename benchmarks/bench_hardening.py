@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--rounds", type=int, default=None, help="baseline/case round pairs per case")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else HardeningBenchConfig()
+    if args.rounds is not None:
+        cfg = HardeningBenchConfig(**{**asdict(cfg), "rounds": args.rounds})
     engine = AsyncLLMEngine.from_kwargs(str(resolve_model(cfg.model, args.cache_dir)), max_model_len=cfg.max_model_len)
     m: dict = {"cases": {}}
     with serve(build_app(LocalBackend(engine, model_name=cfg.model), ServerConfig())) as url:
