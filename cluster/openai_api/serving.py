@@ -62,8 +62,9 @@ def unavailable(message: str, detail: str | None = None) -> APIError:
 def for_client(exc: APIError, request_id: str) -> APIError:
     """A server-side error as the client sees it: our message plus the request id; what
     went wrong inside is logged here under that id."""
-    log.error("request %s: %d %s%s", request_id, exc.status, exc.message,
-              f": {exc.detail}" if exc.detail else "", exc_info=exc.__cause__)
+    level = logging.WARNING if exc.status == 503 else logging.ERROR  # 503: expected while replicas restart
+    log.log(level, "request %s: %d %s%s", request_id, exc.status, exc.message,
+            f": {exc.detail}" if exc.detail else "", exc_info=exc.__cause__)
     return APIError(exc.status, f"{exc.message} (request id: {request_id})", exc.type, exc.param, exc.code)
 
 

@@ -108,6 +108,15 @@ def test_list_sizes_are_capped(http, backend):
             ServerConfig(**bad)
 
 
+def test_cluster_config_carries_the_limits():
+    from radixserve.cluster.config import ClusterConfig
+    limits = ClusterConfig(max_stop_sequences=8, allowed_lora_roots=("/srv/adapters",)).server_limits()
+    assert ServerConfig(**limits).max_stop_sequences == 8  # every key is a ServerConfig field
+    for bad in [dict(max_request_body_bytes=0), dict(allowed_lora_roots=("adapters",)), dict(stall_timeout_s=-1)]:
+        with pytest.raises(ValueError):
+            ClusterConfig(**bad)
+
+
 # -- item 7: /metrics and /openapi.json ---------------------------------------------------------------
 
 def test_metrics_key(http, backend):
@@ -147,7 +156,7 @@ class _LeakyBackend(LocalBackend):
 @pytest.mark.parametrize("exc,status", [(RuntimeError(RAY_TEXT), 500), (BackendUnavailableError(RAY_TEXT), 503),
                                         (_Wrapped(ValueError("n is too large")), 400)])
 def test_errors_carry_no_internals(http, engine, caplog, exc, status):
-    with serve(build_app(_LeakyBackend(engine, exc), ServerConfig())) as base, caplog.at_level(logging.ERROR):
+    with serve(build_app(_LeakyBackend(engine, exc), ServerConfig())) as base, caplog.at_level(logging.WARNING):
         for stream in (False, True):
             resp = http.post(f"{base}/v1/completions", json={**COMP, "stream": stream})
             err = assert_error(resp, status)
