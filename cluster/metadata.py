@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from radixserve.cluster.routing_policy import LoadReport
 from radixserve.engine.cache.events import GPU, BlockIndex, EventBatch, Snapshot
 
 ACTOR_NAME = "RadixCacheMetadata"
@@ -47,8 +48,7 @@ class Delta:
     changes: list[Change] = field(default_factory=list)
     full: dict[str, dict[int, tuple[str, ...]]] | None = None  # set when the caller must reset
     resident: dict[str, list[str]] = field(default_factory=dict)  # replica -> adapters in device slots
-    # replica -> (prompt tokens waiting to be computed, wall-clock time of that count)
-    loads: dict[str, tuple[int, float]] = field(default_factory=dict)
+    loads: dict[str, LoadReport] = field(default_factory=dict)  # replica -> its last load report
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class CacheDirectory:
         self.adapters_version = 0
         self.replica_adapters: dict[str, dict[str, str]] = {}  # replica -> name -> namespace | "error: ..."
         self.resident: dict[str, list[str]] = {}
-        self.loads: dict[str, tuple[int, float]] = {}
+        self.loads: dict[str, LoadReport] = {}
 
     # -- replicas --------------------------------------------------------------------
 
@@ -118,13 +118,16 @@ class CacheDirectory:
     # -- events in --------------------------------------------------------------------
 
     def push(self, replica: str, batch: EventBatch, metrics_text: str = "",
-             load: tuple[int, float] = (0, 0.0)) -> bool:
-        """Apply a batch; False means "send a snapshot" (gap, or unknown replica)."""
+             load: tuple = (0, 0.0)) -> bool:
+        """Apply a batch; False means "send a snapshot" (gap, or unknown replica).
+        ``load``: (queued prompt tokens, wall-clock time[, free blocks, pool blocks])."""
         st = self.replicas.get(replica)
         if st is None:
             return False
         st.last_seen = time.monotonic()
-        self.loads[replica] = (int(load[0]), float(load[1]))
+        q, at, *pool = load
+        free, total = (int(pool[0]), int(pool[1])) if len(pool) == 2 else (-1, -1)
+        self.loads[replica] = LoadReport(int(q), float(at), free, total)
         if metrics_text:
             st.metrics_text = metrics_text
         if not batch.events:
@@ -216,18 +219,25 @@ class LocalIndex:
         self.version = 0
         self.blocks: dict[str, dict[int, tuple[str, ...]]] = {}
         self.resident: dict[str, list[str]] = {}
-        self.loads: dict[str, tuple[int, float]] = {}
+        self.loads: dict[str, LoadReport] = {}
+        self.gpu_blocks: dict[str, int] = {}  # replica -> blocks it caches on the device tier
 
     def apply(self, delta: Delta) -> None:
         if delta.full is not None:
             self.blocks = {r: dict(b) for r, b in delta.full.items()}
+            self.gpu_blocks = {r: sum(GPU in t for t in b.values()) for r, b in self.blocks.items()}
         for c in delta.changes:
+            held = self.blocks.get(c.replica, {})
             if c.block_hash is None:
                 self.blocks.pop(c.replica, None)
-            elif c.tiers:
-                self.blocks.setdefault(c.replica, {})[c.block_hash] = c.tiers
+                self.gpu_blocks.pop(c.replica, None)
+                continue
+            was = GPU in held.get(c.block_hash, ())
+            if c.tiers:
+                self.blocks.setdefault(c.replica, held)[c.block_hash] = c.tiers
             else:
-                self.blocks.get(c.replica, {}).pop(c.block_hash, None)
+                held.pop(c.block_hash, None)
+            self.gpu_blocks[c.replica] = self.gpu_blocks.get(c.replica, 0) + (GPU in c.tiers) - was
         self.version = delta.version
         self.resident = delta.resident
         self.loads = delta.loads
@@ -268,7 +278,7 @@ def make_actor_class():
                 self.dir.register(replica, fingerprint)
 
         def push(self, replica: str, batch: bytes, metrics_text: str = "",
-                 load: tuple[int, float] = (0, 0.0)) -> bool:
+                 load: tuple = (0, 0.0)) -> bool:
             return self.dir.push(replica, decode_batch(batch), metrics_text, load)
 
         def push_snapshot(self, replica: str, snap: bytes) -> None:

@@ -1,37 +1,46 @@
-"""Replica choice for one request, as plain deterministic Python (no Ray).
+"""Replica choice for one request, as plain Python (no Ray): the whole cost model.
 
-The cost of sending a request to replica r, in tokens:
+The cost of sending a request to replica r, in prompt tokens (the unit of
+prefill work, so every term compares with every other):
 
-    cost(r) = uncached(r) + max(0, queued(r) - step_tokens)
-    uncached(r) = prompt_tokens - block_size * (gpu_hit(r) + cpu_hit(r))
-                  + cpu_copy_cost * block_size * cpu_hit(r)
-    queued(r)   = prompt tokens waiting to be computed on r (reported by r every
-                  publish interval), plus the uncached prompt tokens routed to r
-                  since that report, plus ``per_request_tokens`` per in-flight
-                  request for its decoding (with continuous batching a running
-                  request costs a new one little more than its share of a step)
-    + adapter_load_tokens when the request's LoRA adapter is not resident on r
+    cost(r) = own(r) + load(r) + pressure(r) + adapter(r)
 
-The replica computes up to ``step_tokens`` tokens per step (its
-max_num_batched_tokens), all at once: queued work that fits in one step
-delays a new request hardly at all, so only the excess counts.
+    own(r)      = prompt_tokens - bs * common
+                  - hit_weight * bs * (gpu_hit(r) + (1 - cpu_copy_cost) * cpu_hit(r) - common)
+                  the request's own prefill there. ``common`` leading blocks do not
+                  decide placement: the prefix every candidate holds, and blocks so
+                  popular (a system prompt in >= common_share of recent requests) that
+                  every replica keeps them anyway. Without that, the first replica to
+                  hold a system prompt is cheaper for every new conversation and takes
+                  them all.
+    load(r)     = queue_weight * queued(r) + per_request_tokens * inflight(r)
+                  counted smoothly, from the first token: queued(r) is the prompt
+                  work waiting on r (its last report + what this router sent since
+                  + what it chose and Ray has not delivered yet), inflight(r) the
+                  requests routed there and not finished (their decoding).
+    pressure(r) = evict_cost * bs * max(0, new_blocks(r) - empty_blocks(r))
+                  a full pool pays for the cached blocks it must push out (someone
+                  may want them); a pool with empty blocks takes a cold prefix free.
+    adapter(r)  = adapter_load_tokens when the request's LoRA adapter is not
+                  resident on r.
 
-Prefix hits are per adapter by construction: the prompt's block hashes are
-computed in the adapter's namespace, exactly as the engine caches them.
+Choice: the cheapest candidate; candidates within ``tie_tokens`` of it are near
+ties, ordered by rendezvous hashing on the prompt's first non-common block
+(never by name), so a new prefix lands on a replica picked by its own hash
+among equally loaded ones (new prefixes spread) and its repeats land on the
+same one (they converge; after the first, their hit also pulls them there).
+Blocks this router sent to r count as cached on r for ``predict_ttl_s`` until
+r's own report says so, so a burst of one new prefix converges too.
 
-gpu_hit / cpu_hit: length of the prompt's longest cached prefix on r, in
-blocks, from the device tier and then the CPU tier (a CPU-tier block must be
-copied in, so it counts ``cpu_copy_cost`` of a recomputed one).
+Exclusions: a replica whose load report is older than ``stale_after_s`` (it
+stopped reporting to the metadata actor, or is stuck) is not chosen while a
+fresh one exists; a replica whose in-flight requests exceed
+``(1 + load_epsilon) * mean + 1`` goes last (a hard backstop behind the smooth
+load term).
 
-Load bound: a replica whose in-flight requests exceed
-``(1 + load_epsilon) * mean + 1`` is not a candidate, so one hot prefix
-spills to a second replica (which then builds its own copy) instead of
-piling onto the first while others idle.
-
-No useful hit (best hit below ``min_hit_fraction`` of the prompt): rendezvous
-hashing over the first ``rendezvous_blocks`` block hashes among the
-candidates, so repeats of a new prefix converge on one replica.
-
+``Accounting`` is the router's bookkeeping (in-flight, reservations, recent
+routings, predicted blocks, decision counters): the Ray Serve adapter
+(request_router.py) and the simulator (benchmarks/router_sim.py) both drive it.
 Every parameter and its default is in ``RouterConfig``; block_size and
 step_tokens are the engine's (``RouterConfig.for_engine``).
 """
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,18 +59,28 @@ POLICIES = ("prefix_affinity", "round_robin", "pow2", "consistent_hash")
 
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
-    """The policy's knobs. ``block_size`` and ``step_tokens`` are the replicas'
-    engine settings, not the router's own: build it with :meth:`for_engine`."""
+    """The policy's knobs, each one term of the cost above. ``block_size`` and
+    ``step_tokens`` are the replicas' engine settings, not the router's own:
+    build it with :meth:`for_engine`. Defaults tuned with benchmarks/router_sim.py."""
 
     policy: str = "prefix_affinity"
     block_size: int = CacheConfig.block_size  # tokens per cached block, as the engine hashes them
-    cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
-    load_epsilon: float = 0.25       # in-flight bound: (1 + eps) * mean + 1
-    min_hit_fraction: float = 0.1    # below this, a hit is not worth breaking rendezvous
-    rendezvous_blocks: int = 4       # prefix blocks that key rendezvous hashing
-    per_request_tokens: int = 16     # queued work of an in-flight request beyond its uncached prompt
     step_tokens: int = SchedulerConfig.max_num_batched_tokens  # the replicas' per-step token budget
+    hit_weight: float = 1.0          # cost saved per cached (non-common) prompt token
+    cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
+    queue_weight: float = 1.0        # cost per prompt token queued ahead on the replica
+    per_request_tokens: int = 16     # decode work of one in-flight request, in prompt tokens
+    evict_cost: float = 0.5          # per block pushed out of a full pool, x block_size tokens
+    common_share: float = 0.5        # a leading block in this share of recent requests is common
+    popularity_window: int = 256     # recent requests the common-block share is taken over
+    tie_tokens: float = 16.0         # costs within this of the cheapest are near ties
+    load_epsilon: float = 0.25       # in-flight backstop: above (1 + eps) * mean + 1 goes last
+    rendezvous_blocks: int = 4       # prefix blocks that key consistent_hash
     adapter_load_tokens: int = 256   # cost of loading a LoRA adapter into a replica's device slot
+    predict_ttl_s: float = 2.0       # blocks routed to a replica count as cached there this long
+    stale_after_s: float = 10.0      # a replica whose load report is older is not chosen
+    reservation_ttl_s: float = 60.0  # a choice Ray never routed (cancelled) is forgotten after this
+    delivery_s: float = 0.05         # a routed request reaches its replica's queue within this
     sync_interval_s: float = 0.05    # how often the router pulls metadata deltas
 
     def __post_init__(self) -> None:
@@ -68,10 +88,18 @@ class RouterConfig:
             raise ValueError(f"router policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if not 0 <= self.cpu_copy_cost <= 1:
             raise ValueError(f"cpu_copy_cost must be in [0, 1], got {self.cpu_copy_cost}")
-        if self.load_epsilon < 0:
-            raise ValueError(f"load_epsilon must be >= 0, got {self.load_epsilon}")
-        if self.sync_interval_s <= 0:
-            raise ValueError(f"sync_interval_s must be > 0, got {self.sync_interval_s}")
+        if not 0 < self.common_share <= 1:
+            raise ValueError(f"common_share must be in (0, 1], got {self.common_share}")
+        for name in ("hit_weight", "queue_weight", "per_request_tokens", "evict_cost", "tie_tokens",
+                     "load_epsilon", "adapter_load_tokens", "predict_ttl_s", "delivery_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("block_size", "step_tokens", "popularity_window", "rendezvous_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stale_after_s", "reservation_ttl_s", "sync_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @classmethod
     def for_engine(cls, engine: EngineConfig, **overrides: Any) -> RouterConfig:
@@ -88,17 +116,29 @@ class RouterConfig:
 @dataclass(frozen=True)
 class ReplicaState:
     replica: str
-    gpu_hit: int     # blocks
-    cpu_hit: int     # blocks
+    gpu_hit: int     # blocks: longest cached prefix on the device tier
+    cpu_hit: int     # blocks: then on the CPU tier
     inflight: int    # requests routed and not finished
-    queued_tokens: int
+    queued_tokens: int  # prompt tokens waiting there (see Accounting.queued)
     adapter_cold: bool = False  # the request's LoRA adapter is not in this replica's device slots
+    empty_blocks: int | None = None  # device blocks holding nothing (None: unknown, no pressure term)
+    report_age_s: float | None = None  # age of its last load report (None: never reported)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a replica last said about its load (metadata actor -> router)."""
+
+    queued_tokens: int   # prompt tokens admitted or waiting, not computed yet
+    at: float            # wall-clock time the report was taken
+    free_blocks: int = -1  # device blocks an allocation can take (-1: not reported)
+    num_blocks: int = -1   # device pool size (-1: not reported)
 
 
 @dataclass(frozen=True)
 class Decision:
     replica: str
-    reason: str  # "affinity" | "rendezvous" | "least_loaded" | "round_robin" | "consistent_hash"
+    reason: str  # "affinity" | "rendezvous" | "least_loaded" | "stale" | "round_robin" | "consistent_hash"
     cost: float
     hit_blocks: int
 
@@ -110,22 +150,216 @@ def rendezvous(key: bytes, replicas: list[str]) -> list[str]:
 
 
 def prefix_key(block_hashes: list[int], prompt_tokens: list[int], n: int) -> bytes:
+    """Key of the prompt's first ``n`` blocks (the n-th chained hash covers them all)."""
     if block_hashes:
-        return block_hashes[min(n, len(block_hashes)) - 1].to_bytes(8, "little")
+        return (block_hashes[min(n, len(block_hashes)) - 1] & (2**64 - 1)).to_bytes(8, "little")
     return repr(prompt_tokens[:16]).encode()  # shorter than a block: key on the tokens
+
+
+class Popularity:
+    """Share of the last ``window`` requests that start with each leading block."""
+
+    MAX_DEPTH = 8  # leading blocks tracked per request: a system prompt is a few blocks
+
+    def __init__(self, window: int):
+        self.window: deque[tuple[int, ...]] = deque(maxlen=window)
+        self.counts: Counter[int] = Counter()
+
+    def add(self, block_hashes: list[int]) -> None:
+        if len(self.window) == self.window.maxlen:
+            self.counts.subtract(self.window[0])
+        head = tuple(block_hashes[:self.MAX_DEPTH])
+        self.window.append(head)
+        self.counts.update(head)
+
+    MIN_SEEN = 8  # requests seen before anything is called common
+
+    def common_depth(self, block_hashes: list[int], share: float) -> int:
+        """Leading blocks each carried by at least ``share`` of the window."""
+        if len(self.window) < self.MIN_SEEN:
+            return 0
+        need = share * len(self.window)
+        depth = 0
+        for h in block_hashes[:self.MAX_DEPTH]:
+            if self.counts[h] < need:
+                break
+            depth += 1
+        return depth
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A replica chosen for a request that has not been routed yet (counted against it meanwhile)."""
+
+    replica: str
+    reason: str  # the policy's reason, the label of router_decisions_total
+    tokens: int  # the prompt tokens it will compute there (uncached)
+    hit: int     # prompt blocks cached there
+    at: float    # when chosen (the caller's clock); expired after reservation_ttl_s
+    block_hashes: tuple[int, ...] = ()  # the prompt's blocks: cached there once it runs
+
+
+class Accounting:
+    """What a router knows beyond the replicas' reports: its own routings.
+
+    ``now`` is always the caller's wall clock (time.time() live, simulated time
+    in the simulator); load reports carry the replica's wall clock of the count."""
+
+    MAX_PREDICTED = 200_000  # predicted blocks kept (oldest forgotten first)
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.inflight: Counter[str] = Counter()
+        self.decisions: Counter[tuple[str, str]] = Counter()  # (replica, reason) -> count
+        self.hit_blocks: Counter[str] = Counter()
+        self._work: dict[str, str] = {}  # request key -> replica, while in flight
+        self._chosen: dict[str, Choice] = {}  # request key -> its replica, not yet routed
+        # (time, replica, uncached prompt tokens) of recent routings: work the
+        # replicas' own load reports may not include yet
+        self._recent: deque[tuple[float, str, int]] = deque()
+        self._predicted: OrderedDict[int, tuple[str, float]] = OrderedDict()  # block -> (replica, at)
+
+    def reserve(self, key: str, replica: str, reason: str, tokens: int, hit: int, now: float,
+                block_hashes: list[int] | None = None) -> None:
+        """Count a request against its replica as soon as it is chosen: concurrent
+        decisions must see each other, or a burst would all pick one replica."""
+        self.release(key)
+        self.expire(now)
+        self.inflight[replica] += 1
+        self._chosen[key] = Choice(replica, reason, tokens, hit, now, tuple(block_hashes or ()))
+
+    def release(self, key: str) -> Choice | None:
+        held = self._chosen.pop(key, None)
+        if held is not None:
+            self.inflight[held.replica] = max(0, self.inflight[held.replica] - 1)
+        return held
+
+    def expire(self, now: float) -> None:
+        cutoff = now - self.config.reservation_ttl_s  # requests cancelled before being routed
+        for key in [k for k, v in self._chosen.items() if v.at < cutoff]:
+            self.release(key)
+
+    def routed(self, key: str, replica: str, now: float, block_hashes: list[int] | None = None) -> None:
+        """The request ``key`` went to ``replica`` (the chosen one or another)."""
+        held = self.release(key)
+        reason, tokens, hit = (held.reason, held.tokens, held.hit) if held else (self.config.policy, 0, 0)
+        if held is not None and held.replica != replica:
+            tokens = 0  # not the replica its cost was counted for: let its report tell
+        if block_hashes is None and held is not None:
+            block_hashes = list(held.block_hashes)
+        self.inflight[replica] += 1
+        self._recent.append((now, replica, tokens))
+        self.decisions[(replica, reason)] += 1
+        self.hit_blocks[replica] += hit
+        self._work[key] = replica
+        if block_hashes:
+            self.predict(replica, block_hashes, now)
+
+    def completed(self, key: str, replica: str | None = None) -> None:
+        rid = self._work.pop(key, replica)
+        if rid is not None:
+            self.inflight[rid] = max(0, self.inflight[rid] - 1)
+
+    def forget(self, replica: str) -> None:
+        """A replica is gone: its in-flight count and predictions with it."""
+        self.inflight.pop(replica, None)
+        for key in [k for k, r in self._work.items() if r == replica]:
+            del self._work[key]
+
+    def queued(self, replica: str, load: LoadReport | None, now: float) -> int:
+        """Prompt tokens ahead of a new request on ``replica``: its last report,
+        what was routed there after that report was taken, and what was chosen
+        for it and not routed yet."""
+        keep = max(10.0, self.config.stale_after_s)
+        while self._recent and self._recent[0][0] < now - keep:
+            self._recent.popleft()
+        base, taken_at = (load.queued_tokens, load.at) if load is not None else (0, float("-inf"))
+        since = taken_at - self.config.delivery_s  # routed earlier than this had reached the replica
+        recent = sum(t for when, r, t in self._recent if r == replica and when > since)
+        reserved = sum(c.tokens for c in self._chosen.values() if c.replica == replica)
+        return base + recent + reserved
+
+    def predict(self, replica: str, block_hashes: list[int], now: float) -> None:
+        for h in block_hashes:
+            self._predicted[h] = (replica, now)
+            self._predicted.move_to_end(h)
+        while len(self._predicted) > self.MAX_PREDICTED:
+            self._predicted.popitem(last=False)
+
+    def predicted_hit(self, replica: str, block_hashes: list[int], now: float) -> int:
+        """Leading blocks this router recently sent to ``replica`` (reported or not)."""
+        n = 0
+        for h in block_hashes:
+            got = self._predicted.get(h)
+            if got is None or got[0] != replica or now - got[1] > self.config.predict_ttl_s:
+                break
+            n += 1
+        return n
 
 
 class RoutingPolicy:
     def __init__(self, config: RouterConfig):
         self.config = config
+        self.accounting = Accounting(config)
+        self.popularity = Popularity(config.popularity_window)
         self._rr = itertools.count()
 
-    def cost(self, prompt_tokens: int, s: ReplicaState) -> float:
+    # -- state -----------------------------------------------------------------------------
+
+    def state(self, replica: str, hit: tuple[int, int], block_hashes: list[int], load: LoadReport | None,
+              now: float, *, adapter_cold: bool = False, cached_gpu_blocks: int = 0) -> ReplicaState:
+        """A replica's state for one request, from its reported hit (device, CPU
+        blocks) and load, and this router's own accounting."""
+        gpu, cpu = hit
+        predicted = self.accounting.predicted_hit(replica, block_hashes, now)
+        if predicted > gpu + cpu:  # sent there moments ago: cached by the time it runs
+            gpu, cpu = predicted, 0
+        empty = None
+        if load is not None and load.free_blocks >= 0:
+            # free blocks minus cached ones: a lower bound (cached blocks in use are not free)
+            empty = max(0, load.free_blocks - cached_gpu_blocks)
+        age = None if load is None else now - load.at
+        return ReplicaState(replica, gpu, cpu, self.accounting.inflight[replica],
+                            self.accounting.queued(replica, load, now), adapter_cold, empty, age)
+
+    # -- cost ------------------------------------------------------------------------------
+
+    def own_tokens(self, prompt_tokens: int, s: ReplicaState, common: int = 0) -> float:
+        """The request's own prefill on ``s``, with ``common`` blocks not deciding."""
+        c = self.config
+        hit = min(s.gpu_hit + (1 - c.cpu_copy_cost) * s.cpu_hit, prompt_tokens / c.block_size)
+        useful = max(0.0, hit - common)
+        return max(0.0, prompt_tokens - c.block_size * min(common, hit) - c.hit_weight * c.block_size * useful)
+
+    def uncached_tokens(self, prompt_tokens: int, s: ReplicaState) -> int:
+        """Prompt tokens ``s`` will compute (its queued work once routed there)."""
+        cached = min(prompt_tokens, self.config.block_size * (s.gpu_hit + s.cpu_hit))
+        return prompt_tokens - cached
+
+    def load_tokens(self, s: ReplicaState) -> float:
+        return self.config.queue_weight * s.queued_tokens + self.config.per_request_tokens * s.inflight
+
+    def pressure_tokens(self, prompt_tokens: int, s: ReplicaState) -> float:
+        if s.empty_blocks is None:
+            return 0.0
         bs = self.config.block_size
-        cached = min(prompt_tokens, bs * (s.gpu_hit + s.cpu_hit))
-        uncached = prompt_tokens - cached + self.config.cpu_copy_cost * bs * s.cpu_hit
-        queued = max(0, s.queued_tokens - self.config.step_tokens)
-        return uncached + queued + (self.config.adapter_load_tokens if s.adapter_cold else 0)
+        new_blocks = -(-self.uncached_tokens(prompt_tokens, s) // bs)
+        return self.config.evict_cost * bs * max(0, new_blocks - s.empty_blocks)
+
+    def cost(self, prompt_tokens: int, s: ReplicaState, common: int = 0) -> float:
+        return (self.own_tokens(prompt_tokens, s, common) + self.load_tokens(s)
+                + self.pressure_tokens(prompt_tokens, s)
+                + (self.config.adapter_load_tokens if s.adapter_cold else 0))
+
+    # -- choosing --------------------------------------------------------------------------
+
+    def fresh(self, states: list[ReplicaState]) -> tuple[list[ReplicaState], list[ReplicaState]]:
+        """(reporting, stale): a replica that stopped reporting is no candidate while
+        another reports; when none does (the metadata actor is down) all are used."""
+        ok = [s for s in states if s.report_age_s is not None and s.report_age_s <= self.config.stale_after_s]
+        if not ok:
+            return states, []
+        return ok, [s for s in states if s not in ok]
 
     def within_load_bound(self, states: list[ReplicaState]) -> list[ReplicaState]:
         mean = sum(s.inflight for s in states) / len(states)
@@ -143,25 +377,51 @@ class RoutingPolicy:
             start = next(self._rr) % len(states)
             order = states[start:] + states[:start]
             return [Decision(s.replica, "round_robin", 0.0, 0) for s in order]
-        key = prefix_key(block_hashes, prompt_tokens, self.config.rendezvous_blocks)
         if policy == "consistent_hash":
+            key = prefix_key(block_hashes, prompt_tokens, self.config.rendezvous_blocks)
             by = {s.replica: s for s in states}
             return [Decision(r, "consistent_hash", 0.0, by[r].gpu_hit + by[r].cpu_hit)
                     for r in rendezvous(key, list(by))]
-        return self._affinity(states, key, len(prompt_tokens))
+        return self._affinity(states, block_hashes, prompt_tokens)
 
-    def _affinity(self, states: list[ReplicaState], key: bytes, prompt_len: int) -> list[Decision]:
-        candidates = self.within_load_bound(states)
-        best_hit = max(s.gpu_hit + s.cpu_hit for s in candidates)
-        useful = best_hit * self.config.block_size >= max(1, self.config.min_hit_fraction * prompt_len)
-        if useful:
-            ranked = sorted(candidates, key=lambda s: (self.cost(prompt_len, s), s.inflight, s.replica))
-            reason = "affinity"
-        else:  # nothing worth keeping: let repeats of this prefix meet on one replica
-            order = {r: i for i, r in enumerate(rendezvous(key, [s.replica for s in candidates]))}
-            ranked = sorted(candidates, key=lambda s: order[s.replica])
-            reason = "rendezvous"
-        rest = sorted((s for s in states if s not in candidates), key=lambda s: s.inflight)
-        out = [Decision(s.replica, reason, self.cost(prompt_len, s), s.gpu_hit + s.cpu_hit) for s in ranked]
-        return out + [Decision(s.replica, "least_loaded", self.cost(prompt_len, s), s.gpu_hit + s.cpu_hit)
-                      for s in rest]
+    def common_blocks(self, states: list[ReplicaState], block_hashes: list[int]) -> int:
+        """Leading blocks that must not decide placement: held by every candidate, or popular."""
+        held_by_all = min(s.gpu_hit + s.cpu_hit for s in states)
+        return max(held_by_all, self.popularity.common_depth(block_hashes, self.config.common_share))
+
+    def _affinity(self, states: list[ReplicaState], block_hashes: list[int],
+                  prompt_tokens: list[int]) -> list[Decision]:
+        n = len(prompt_tokens)
+        fresh, stale = self.fresh(states)
+        candidates = self.within_load_bound(fresh)
+        common = self.common_blocks(candidates, block_hashes)
+        self.popularity.add(block_hashes)
+        costs = {s.replica: self.cost(n, s, common) for s in states}
+        best = min(costs[s.replica] for s in candidates)
+        near = [s for s in candidates if costs[s.replica] <= best + self.config.tie_tokens]
+        # near ties go by the prompt's own first non-common block, never by name
+        key = prefix_key(block_hashes[common:], prompt_tokens[common * self.config.block_size:], 1)
+        order = {r: i for i, r in enumerate(rendezvous(key, [s.replica for s in near]))}
+        near.sort(key=lambda s: order[s.replica])
+        top_hit = near[0].gpu_hit + near[0].cpu_hit
+        reason = "affinity" if top_hit > common else "rendezvous"
+        far = sorted((s for s in candidates if s not in near), key=lambda s: costs[s.replica])
+        over = sorted((s for s in fresh if s not in candidates), key=lambda s: s.inflight)
+
+        def decide(ss: list[ReplicaState], why: str) -> list[Decision]:
+            return [Decision(s.replica, why, costs[s.replica], s.gpu_hit + s.cpu_hit) for s in ss]
+        return (decide(near, reason) + decide(far, "affinity") + decide(over, "least_loaded")
+                + decide(stale, "stale"))
+
+    def route(self, key: str, states: list[ReplicaState], block_hashes: list[int], prompt_tokens: list[int],
+              now: float) -> list[Decision]:
+        """``choose``, then reserve the first choice in the accounting (the caller
+        reports ``accounting.routed`` / ``completed`` as the request moves on)."""
+        decisions = self.choose(states, block_hashes, prompt_tokens)
+        if decisions:
+            first = decisions[0]
+            st = next(s for s in states if s.replica == first.replica)
+            self.accounting.reserve(key, first.replica, first.reason,
+                                    self.uncached_tokens(len(prompt_tokens), st), first.hit_blocks, now,
+                                    block_hashes)
+        return decisions
