@@ -89,6 +89,7 @@ class SimRequest:
     block_hashes: tuple[int, ...]  # full blocks only: what the engine caches
     prompt_len: int
     output_len: int
+    tail: tuple[int, ...] = ()  # the prompt's tokens past its last full block
 
 
 # -- the engine's cache ---------------------------------------------------------------------
@@ -170,6 +171,7 @@ class SimReplica:
         self.version = 0  # invalidates a scheduled step end
         self.report = LoadReport(0, 0.0, cfg.blocks_per_replica, cfg.blocks_per_replica)
         self.requests = 0
+        self.work = 0  # tokens computed: uncached prompt tokens and decoded tokens
 
     def load(self, now: float) -> LoadReport:
         if self.step is None:  # idle: a report now would say the same
@@ -189,6 +191,7 @@ class SimReplica:
             if not self.cache.admit(r.block_hashes, s.hit, s.private):
                 return  # waits for blocks, like the engine
             s.todo = r.prompt_len - s.hit * bs
+            self.work += s.todo + r.output_len
             self.running.append(self.waiting.popleft())
 
     def plan(self, now: float) -> tuple[float, float] | None:
@@ -256,7 +259,8 @@ class SimResult:
     hit_rate: float
     oracle_hit_rate: float
     hit_over_oracle: float
-    load_max_over_mean: float
+    load_max_over_mean: float  # requests per replica
+    work_max_over_mean: float  # tokens computed per replica (uncached prompt + decoded)
     ttft_p50_s: float
     ttft_p99_s: float
     requests: int
@@ -334,8 +338,9 @@ def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[s
     ttft = [s.ttft for s in seqs]
     hit = hit_tokens / max(1, prompt_tokens)
     orc = oracle_hit_rate(reqs, cfg) if oracle is None else oracle
+    work = [r.work for r in reps]
     return SimResult(policy, hit, orc, hit / orc if orc else 0.0, max(counts) / (sum(counts) / len(counts)),
-                     median(ttft), percentile(ttft, 0.99), len(seqs), counts)
+                     max(work) / (sum(work) / len(work)), median(ttft), percentile(ttft, 0.99), len(seqs), counts)
 
 
 def _route(pol: RoutingPolicy, rng: random.Random, policy: str, reps: list[SimReplica], r: SimRequest,
@@ -349,8 +354,8 @@ def _route(pol: RoutingPolicy, rng: random.Random, policy: str, reps: list[SimRe
     hashes = list(r.block_hashes)
     states = [pol.state(rep.name, (rep.cache.hit(r.block_hashes, limit), 0), hashes, rep.load(now), now,
                         cached_gpu_blocks=len(rep.cache.lru)) for rep in reps]
-    head = [0] * min(16, r.prompt_len)  # only keys prompts shorter than a block; none here are
-    chosen = pol.route(str(idx), states, hashes, head + [0] * (r.prompt_len - len(head)), now)[0].replica
+    prompt = [0] * (len(hashes) * bs) + list(r.tail)  # the policy reads only the tail's tokens
+    chosen = pol.route(str(idx), states, hashes, prompt, now)[0].replica
     return int(chosen.rsplit("-", 1)[1])
 
 
@@ -371,9 +376,9 @@ def load_trace(cfg: SimConfig, path: Path = TRACE, limit: int | None = None) -> 
         blocks = [_SYSTEM_HASH + i for i in range(cfg.system_blocks)] + list(ids)
         blocks = blocks[:cfg.max_blocks]
         full = blocks if (last == bs or len(blocks) < cfg.system_blocks + len(ids)) else blocks[:-1]
-        prompt_len = len(full) * bs + (0 if len(full) == len(blocks) else last)
-        out.append(SimRequest(row["timestamp"] / 1000 / speed, tuple(full), prompt_len,
-                              max(1, min(cfg.max_output, row["output_length"]))))
+        tail = () if len(full) == len(blocks) else tuple(random.Random(blocks[-1]).choices(range(32000), k=last))
+        out.append(SimRequest(row["timestamp"] / 1000 / speed, tuple(full), len(full) * bs + len(tail),
+                              max(1, min(cfg.max_output, row["output_length"])), tail))
     return out
 
 
@@ -383,7 +388,8 @@ def _hashed(specs: list[Any], arrivals: list[float], cfg: SimConfig) -> list[Sim
     for spec, at in zip(specs, arrivals):
         ids = list(spec.prompt_token_ids)[:cfg.max_blocks * cfg.block_size]
         hashes = prompt_block_hashes(ids, cfg.block_size)[:len(ids) // cfg.block_size]
-        out.append(SimRequest(at, tuple(hashes), len(ids), min(cfg.max_output, spec.output_len)))
+        out.append(SimRequest(at, tuple(hashes), len(ids), min(cfg.max_output, spec.output_len),
+                              tuple(ids[len(hashes) * cfg.block_size:])))
     order = sorted(range(len(out)), key=lambda i: out[i].arrival_s)
     return [out[i] for i in order]
 
@@ -546,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict:
         for n, by_p in by_n.items():
             for pol, r in by_p.items():
                 print(f"{wl:13s} n={n:>2s} {pol:16s} hit {r['hit_rate']:.3f} ({r['hit_over_oracle']:.2f}x oracle "
-                      f"{r['oracle_hit_rate']:.3f})  max/mean {r['load_max_over_mean']:.2f}  "
+                      f"{r['oracle_hit_rate']:.3f})  max/mean req {r['load_max_over_mean']:.2f} "
+                      f"work {r['work_max_over_mean']:.2f}  "
                       f"ttft p50 {r['ttft_p50_s'] * 1e3:7.1f} ms p99 {r['ttft_p99_s'] * 1e3:8.1f} ms")
     if not args.no_write:
         suite = "router-sim" if workloads == ["trace"] else "router-sim-workloads"

@@ -48,7 +48,7 @@ class StreamItem:
 @dataclass(frozen=True)
 class RoutingInfo:
     block_hashes: list[int]
-    prompt_head: list[int]  # the first tokens: keys rendezvous hashing for prompts under one block
+    prompt_token_ids: list[int]  # keys near ties by the prompt's first non-common tokens
     prompt_len: int
     lora: str | None = None
 
@@ -63,7 +63,7 @@ def decode_request(data: bytes) -> GenerateRequest:
 
 def routing_info(data: bytes) -> RoutingInfo:
     req = decode_request(data)
-    return RoutingInfo(req.block_hashes, req.prompt_token_ids[:16], len(req.prompt_token_ids), req.lora)
+    return RoutingInfo(req.block_hashes, req.prompt_token_ids, len(req.prompt_token_ids), req.lora)
 
 
 def encode_item(item: StreamItem) -> bytes:

@@ -99,7 +99,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         now = time.time()  # wall clock: load reports carry the replicas' wall-clock time
         decisions = self.policy.route(pending_request.metadata.internal_request_id,
                                       self._states(candidate_replicas, info, now), info.block_hashes,
-                                      info.prompt_head, now)
+                                      info.prompt_token_ids, now)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_id[d.replica]] for d in decisions]
 

@@ -35,7 +35,7 @@ r's own report says so, so a burst of one new prefix converges too.
 Exclusions: a replica whose load report is older than ``stale_after_s`` (it
 stopped reporting to the metadata actor, or is stuck) is not chosen while a
 fresh one exists; a replica whose in-flight requests exceed
-``(1 + load_epsilon) * mean + 1`` goes last (a hard backstop behind the smooth
+``(1 + load_epsilon) * mean + load_slack`` goes last (a hard backstop behind the smooth
 load term).
 
 ``Accounting`` is the router's bookkeeping (in-flight, reservations, recent
@@ -69,12 +69,15 @@ class RouterConfig:
     hit_weight: float = 1.0          # cost saved per cached (non-common) prompt token
     cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
     queue_weight: float = 1.0        # cost per prompt token queued ahead on the replica
-    per_request_tokens: int = 16     # decode work of one in-flight request, in prompt tokens
+    per_request_tokens: int = 64     # decode work of one in-flight request, in prompt tokens
     evict_cost: float = 0.5          # per block pushed out of a full pool, x block_size tokens
     common_share: float = 0.5        # a leading block in this share of recent requests is common
     popularity_window: int = 256     # recent requests the common-block share is taken over
     tie_tokens: float = 16.0         # costs within this of the cheapest are near ties
-    load_epsilon: float = 0.25       # in-flight backstop: above (1 + eps) * mean + 1 goes last
+    balance_epsilon: float = 0.1     # new prefixes skip replicas above (1 + eps) * mean recent requests + 1
+    history_halflife_s: float = 60.0  # "recent requests": routed requests decayed with this half-life
+    load_epsilon: float = 0.25       # in-flight backstop: above (1 + eps) * mean + load_slack goes last
+    load_slack: int = 4
     rendezvous_blocks: int = 4       # prefix blocks that key consistent_hash
     adapter_load_tokens: int = 256   # cost of loading a LoRA adapter into a replica's device slot
     predict_ttl_s: float = 2.0       # blocks routed to a replica count as cached there this long
@@ -91,13 +94,14 @@ class RouterConfig:
         if not 0 < self.common_share <= 1:
             raise ValueError(f"common_share must be in (0, 1], got {self.common_share}")
         for name in ("hit_weight", "queue_weight", "per_request_tokens", "evict_cost", "tie_tokens",
-                     "load_epsilon", "adapter_load_tokens", "predict_ttl_s", "delivery_s"):
+                     "load_epsilon", "load_slack", "adapter_load_tokens", "predict_ttl_s", "delivery_s",
+                     "balance_epsilon"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("block_size", "step_tokens", "popularity_window", "rendezvous_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stale_after_s", "reservation_ttl_s", "sync_interval_s"):
+        for name in ("stale_after_s", "reservation_ttl_s", "sync_interval_s", "history_halflife_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -123,6 +127,7 @@ class ReplicaState:
     adapter_cold: bool = False  # the request's LoRA adapter is not in this replica's device slots
     empty_blocks: int | None = None  # device blocks holding nothing (None: unknown, no pressure term)
     report_age_s: float | None = None  # age of its last load report (None: never reported)
+    history: float = 0.0  # requests routed there lately (Accounting.history)
 
 
 @dataclass(frozen=True)
@@ -149,11 +154,12 @@ def rendezvous(key: bytes, replicas: list[str]) -> list[str]:
     return sorted(replicas, key=score, reverse=True)
 
 
-def prefix_key(block_hashes: list[int], prompt_tokens: list[int], n: int) -> bytes:
-    """Key of the prompt's first ``n`` blocks (the n-th chained hash covers them all)."""
+def prefix_key(block_hashes: list[int], tail_tokens: list[int], n: int) -> bytes:
+    """Key of the prompt's first ``n`` blocks (the n-th chained hash covers them all), or,
+    with no block, of the tokens past its last full block."""
     if block_hashes:
         return (block_hashes[min(n, len(block_hashes)) - 1] & (2**64 - 1)).to_bytes(8, "little")
-    return repr(prompt_tokens[:16]).encode()  # shorter than a block: key on the tokens
+    return repr(tail_tokens[:16]).encode()
 
 
 class Popularity:
@@ -218,6 +224,7 @@ class Accounting:
         # replicas' own load reports may not include yet
         self._recent: deque[tuple[float, str, int]] = deque()
         self._predicted: OrderedDict[int, tuple[str, float]] = OrderedDict()  # block -> (replica, at)
+        self._history: dict[str, tuple[float, float]] = {}  # replica -> (decayed routed requests, at)
 
     def reserve(self, key: str, replica: str, reason: str, tokens: int, hit: int, now: float,
                 block_hashes: list[int] | None = None) -> None:
@@ -249,6 +256,7 @@ class Accounting:
             block_hashes = list(held.block_hashes)
         self.inflight[replica] += 1
         self._recent.append((now, replica, tokens))
+        self._history[replica] = (self.history(replica, now) + 1, now)
         self.decisions[(replica, reason)] += 1
         self.hit_blocks[replica] += hit
         self._work[key] = replica
@@ -278,6 +286,11 @@ class Accounting:
         recent = sum(t for when, r, t in self._recent if r == replica and when > since)
         reserved = sum(c.tokens for c in self._chosen.values() if c.replica == replica)
         return base + recent + reserved
+
+    def history(self, replica: str, now: float) -> float:
+        """Requests routed to ``replica``, each decayed by its age (half-life history_halflife_s)."""
+        value, at = self._history.get(replica, (0.0, now))
+        return value * 0.5 ** (max(0.0, now - at) / self.config.history_halflife_s)
 
     def predict(self, replica: str, block_hashes: list[int], now: float) -> None:
         for h in block_hashes:
@@ -320,16 +333,18 @@ class RoutingPolicy:
             empty = max(0, load.free_blocks - cached_gpu_blocks)
         age = None if load is None else now - load.at
         return ReplicaState(replica, gpu, cpu, self.accounting.inflight[replica],
-                            self.accounting.queued(replica, load, now), adapter_cold, empty, age)
+                            self.accounting.queued(replica, load, now), adapter_cold, empty, age,
+                            self.accounting.history(replica, now))
 
     # -- cost ------------------------------------------------------------------------------
 
     def own_tokens(self, prompt_tokens: int, s: ReplicaState, common: int = 0) -> float:
         """The request's own prefill on ``s``, with ``common`` blocks not deciding."""
         c = self.config
-        hit = min(s.gpu_hit + (1 - c.cpu_copy_cost) * s.cpu_hit, prompt_tokens / c.block_size)
-        useful = max(0.0, hit - common)
-        return max(0.0, prompt_tokens - c.block_size * min(common, hit) - c.hit_weight * c.block_size * useful)
+        blocks = prompt_tokens / c.block_size
+        hit = min(s.gpu_hit + (1 - c.cpu_copy_cost) * s.cpu_hit, blocks)
+        useful = max(0.0, hit - common)  # the common blocks count as cached everywhere
+        return max(0.0, prompt_tokens - c.block_size * min(common, blocks) - c.hit_weight * c.block_size * useful)
 
     def uncached_tokens(self, prompt_tokens: int, s: ReplicaState) -> int:
         """Prompt tokens ``s`` will compute (its queued work once routed there)."""
@@ -361,9 +376,14 @@ class RoutingPolicy:
             return states, []
         return ok, [s for s in states if s not in ok]
 
+    def over_share(self, states: list[ReplicaState]) -> set[str]:
+        """Replicas that took more than their share of recent requests (beyond balance_epsilon)."""
+        mean = sum(x.history for x in states) / len(states)
+        return {x.replica for x in states if x.history > (1 + self.config.balance_epsilon) * mean + 1}
+
     def within_load_bound(self, states: list[ReplicaState]) -> list[ReplicaState]:
         mean = sum(s.inflight for s in states) / len(states)
-        bound = (1 + self.config.load_epsilon) * mean + 1
+        bound = (1 + self.config.load_epsilon) * mean + self.config.load_slack
         ok = [s for s in states if s.inflight <= bound]
         return ok or states
 
@@ -400,9 +420,12 @@ class RoutingPolicy:
         best = min(costs[s.replica] for s in candidates)
         near = [s for s in candidates if costs[s.replica] <= best + self.config.tie_tokens]
         # near ties go by the prompt's own first non-common block, never by name
-        key = prefix_key(block_hashes[common:], prompt_tokens[common * self.config.block_size:], 1)
+        key = prefix_key(block_hashes[common:], prompt_tokens[len(block_hashes) * self.config.block_size:], 1)
         order = {r: i for i, r in enumerate(rendezvous(key, [s.replica for s in near]))}
         near.sort(key=lambda s: order[s.replica])
+        if all(s.gpu_hit + s.cpu_hit <= common for s in near):  # a new prefix: bounded-load rendezvous
+            over = self.over_share(candidates)
+            near.sort(key=lambda s: s.replica in over)
         top_hit = near[0].gpu_hit + near[0].cpu_hit
         reason = "affinity" if top_hit > common else "rendezvous"
         far = sorted((s for s in candidates if s not in near), key=lambda s: costs[s.replica])
