@@ -12,6 +12,13 @@ they were sent: the hit rate no placement of requests could beat.
 
     python -m radixserve.benchmarks.bench_router            # tiny-llama, a few minutes on 2 CPU cores
     python -m radixserve.benchmarks.bench_router --quick
+
+``--trace`` instead replays the Mooncake synthetic trace (../shared/traces) over HTTP,
+policies side by side (prefix_affinity, pow2, round_robin, consistent_hash) at each
+``--concurrency`` (closed loop, requests in trace order): see bench_router_trace.py.
+
+    python -m radixserve.benchmarks.bench_router --trace                     # the whole trace: hours on CPU
+    python -m radixserve.benchmarks.bench_router --trace --requests 40 --concurrency 1,4 --policies prefix_affinity,pow2
 """
 from __future__ import annotations
 
@@ -211,6 +218,12 @@ def run_policy(cfg: RouterBenchConfig, policy: str, cache_dir: str | None, port:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if argv is None:
+        import sys
+        argv = sys.argv[1:]
+    if "--trace" in argv:
+        from radixserve.benchmarks.bench_router_trace import main as trace_main
+        return trace_main([a for a in argv if a != "--trace"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cache-dir", default=None)

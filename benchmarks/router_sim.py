@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workloads", default="trace", help=f"comma list of {', '.join(WORKLOADS)} or 'all'")
     p.add_argument("--replicas", default="2,4,8,16,32")
     p.add_argument("--policies", default=",".join(SIM_POLICIES))
-    p.add_argument("--trace", type=Path, default=TRACE, help="Mooncake-format JSONL trace")
+    p.add_argument("--trace-file", type=Path, default=TRACE, help="Mooncake-format JSONL trace")
     p.add_argument("--limit", type=int, default=None, help="first N trace requests only")
     p.add_argument("--router", action="append", default=[], help="RouterConfig override, e.g. tie_tokens=32")
     p.add_argument("--out-dir", default=None)
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
                         if f.name != "replicas" and getattr(args, f.name) is not None})
     workloads = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
     grid = run_grid(workloads, [int(n) for n in args.replicas.split(",")], args.policies.split(","), base,
-                    _router_overrides(args.router), args.limit, trace=args.trace)
+                    _router_overrides(args.router), args.limit, trace=args.trace_file)
     summary = summarize(grid)
     for wl, by_n in grid.items():
         for n, by_p in by_n.items():
@@ -556,11 +556,11 @@ def main(argv: list[str] | None = None) -> dict:
                       f"work {r['work_max_over_mean']:.2f}  "
                       f"ttft p50 {r['ttft_p50_s'] * 1e3:7.1f} ms p99 {r['ttft_p99_s'] * 1e3:8.1f} ms")
     if not args.no_write:
-        suite = "router-sim" if workloads == ["trace"] else "router-sim-workloads"
-        path = write_result(suite, {**asdict(base), "router": _router_overrides(args.router),
+        suite = "router-trace" if workloads == ["trace"] else "router-workloads"
+        path = write_result(suite, {**asdict(base), "router": asdict(RouterConfig(**_router_overrides(args.router))),
                                     "workloads": workloads}, grid, summary,
                             Path(args.out_dir) if args.out_dir else None,
-                            command=command_line("radixserve.benchmarks.router_sim", argv))
+                            command=command_line("radixserve.benchmarks.router_sim", argv), device="sim")
         plot(path.with_suffix(".png"), grid)
         print(path)
     return summary

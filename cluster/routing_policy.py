@@ -165,7 +165,7 @@ def prefix_key(block_hashes: list[int], tail_tokens: list[int], n: int) -> bytes
 class Popularity:
     """Share of the last ``window`` requests that start with each leading block."""
 
-    MAX_DEPTH = 8  # leading blocks tracked per request: a system prompt is a few blocks
+    MAX_DEPTH = 64  # leading blocks tracked per request: a system prompt is a few blocks
 
     def __init__(self, window: int):
         self.window: deque[tuple[int, ...]] = deque(maxlen=window)
@@ -249,7 +249,7 @@ class Accounting:
     def routed(self, key: str, replica: str, now: float, block_hashes: list[int] | None = None) -> None:
         """The request ``key`` went to ``replica`` (the chosen one or another)."""
         held = self.release(key)
-        reason, tokens, hit = (held.reason, held.tokens, held.hit) if held else (self.config.policy, 0, 0)
+        reason, tokens, hit = (held.reason, held.tokens, held.hit) if held else ("pow2", 0, 0)  # Ray chose
         if held is not None and held.replica != replica:
             tokens = 0  # not the replica its cost was counted for: let its report tell
         if block_hashes is None and held is not None:
@@ -419,11 +419,13 @@ class RoutingPolicy:
         costs = {s.replica: self.cost(n, s, common) for s in states}
         best = min(costs[s.replica] for s in candidates)
         near = [s for s in candidates if costs[s.replica] <= best + self.config.tie_tokens]
-        # near ties go by the prompt's own first non-common block, never by name
-        key = prefix_key(block_hashes[common:], prompt_tokens[len(block_hashes) * self.config.block_size:], 1)
+        # near ties go by the prompt's first block no candidate holds (never by name): a new
+        # prefix lands where its hash says, equal prompts and their repeats meet on one replica
+        fresh_from = max(common, max(s.gpu_hit + s.cpu_hit for s in candidates))
+        key = prefix_key(block_hashes[fresh_from:], prompt_tokens[len(block_hashes) * self.config.block_size:], 1)
         order = {r: i for i, r in enumerate(rendezvous(key, [s.replica for s in near]))}
         near.sort(key=lambda s: order[s.replica])
-        if all(s.gpu_hit + s.cpu_hit <= common for s in near):  # a new prefix: bounded-load rendezvous
+        if len(near) > 1:  # bounded-load rendezvous: skip the near ties that took more than their share
             over = self.over_share(candidates)
             near.sort(key=lambda s: s.replica in over)
         top_hit = near[0].gpu_hit + near[0].cpu_hit
