@@ -69,6 +69,7 @@ class SimConfig:
     prefill_token_s: float = 0.0001  # per prompt token computed
     decode_seq_s: float = 0.0002   # per decoding request in the step
     rate_per_replica: float = 2.0  # trace replay: requests/s per replica (0: real time)
+    concurrency: int = 0           # > 0: closed loop, this many clients in request order (the live replay)
     system_blocks: int = 1         # trace replay: shared system-prompt blocks before each prompt
     max_blocks: int = 128          # prompt cap in blocks (the model's context)
     max_output: int = 256          # output cap in tokens
@@ -154,6 +155,7 @@ class BlockCache:
 class Seq:
     rid: int
     req: SimRequest
+    arrival: float
     hit: int = 0
     todo: int = 0          # prompt tokens still to compute
     decoded: int = 0
@@ -239,7 +241,7 @@ class SimReplica:
         for s, n in chunks:
             s.todo -= n
             if s.todo == 0:
-                s.ttft = now - s.req.arrival_s
+                s.ttft = now - s.arrival
                 s.decoded = 1  # the step that ends the prompt samples the first token
         for s in self.running:
             if s.todo == 0 and s.decoded >= s.req.output_len:
@@ -288,9 +290,12 @@ def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[s
     rng = random.Random(cfg.seed)
     reps = [SimReplica(f"replica-{i:02d}", cfg) for i in range(cfg.replicas)]
     events: list[tuple[float, int, int, int]] = []  # (time, order, kind 0=arrival 1=step end, index/version)
-    for i, r in enumerate(reqs):
-        events.append((r.arrival_s, i, 0, i))
+    if cfg.concurrency:  # closed loop: each client sends the next request when its last one ends
+        events += [(0.0, i, 0, i) for i in range(min(cfg.concurrency, len(reqs)))]
+    else:
+        events += [(r.arrival_s, i, 0, i) for i, r in enumerate(reqs)]
     heapq.heapify(events)
+    sent = len(events)
     order = len(reqs)
     ends: dict[int, tuple[int, int]] = {}  # event order -> (replica, version)
     seqs: list[Seq] = []
@@ -310,7 +315,7 @@ def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[s
             r = reqs[idx]
             ri = _route(pol, rng, policy, reps, r, idx, now)
             rep = reps[ri]
-            s = Seq(idx, r)
+            s = Seq(idx, r, now)
             seqs.append(s)
             rep.waiting.append(s)
             rep.requests += 1
@@ -330,6 +335,9 @@ def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[s
             continue  # superseded by a cut
         for s in rep.finish_step(now):
             acct.completed(str(s.rid), rep.name)
+            if cfg.concurrency and sent < len(reqs):
+                heapq.heappush(events, (now, sent, 0, sent))
+                sent += 1
         schedule(ri, now)
     for s in seqs:
         hit_tokens += s.hit * cfg.block_size

@@ -25,12 +25,14 @@ prefill work, so every term compares with every other):
                   resident on r.
 
 Choice: the cheapest candidate; candidates within ``tie_tokens`` of it are near
-ties, ordered by rendezvous hashing on the prompt's first non-common block
-(never by name), so a new prefix lands on a replica picked by its own hash
-among equally loaded ones (new prefixes spread) and its repeats land on the
-same one (they converge; after the first, their hit also pulls them there).
-Blocks this router sent to r count as cached on r for ``predict_ttl_s`` until
-r's own report says so, so a burst of one new prefix converges too.
+ties, ordered by rendezvous hashing on the prompt's first block that no
+candidate holds (never by name), those that took more than their share of
+recent requests (``balance_epsilon``: bounded-load hashing) last. So a new
+prefix lands on a replica picked by its own hash among equally loaded ones
+(new prefixes spread) and its repeats land on the same one (they converge;
+after the first, their hit also pulls them there). Blocks this router sent to
+r count as cached on r for ``predict_ttl_s`` until r's own report says so, so
+repeats converge before the metadata catches up.
 
 Exclusions: a replica whose load report is older than ``stale_after_s`` (it
 stopped reporting to the metadata actor, or is stuck) is not chosen while a
@@ -41,8 +43,10 @@ load term).
 ``Accounting`` is the router's bookkeeping (in-flight, reservations, recent
 routings, predicted blocks, decision counters): the Ray Serve adapter
 (request_router.py) and the simulator (benchmarks/router_sim.py) both drive it.
-Every parameter and its default is in ``RouterConfig``; block_size and
-step_tokens are the engine's (``RouterConfig.for_engine``).
+Every parameter and its default is in ``RouterConfig``, tuned with the
+simulator (the workloads and commands in benchmarks/README.md); block_size and
+step_tokens are the engine's (``RouterConfig.for_engine``; step_tokens is no
+cost term: queued work counts from its first token, not past one step).
 """
 from __future__ import annotations
 
@@ -68,7 +72,9 @@ class RouterConfig:
     step_tokens: int = SchedulerConfig.max_num_batched_tokens  # the replicas' per-step token budget
     hit_weight: float = 1.0          # cost saved per cached (non-common) prompt token
     cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
-    queue_weight: float = 1.0        # cost per prompt token queued ahead on the replica
+    # cost per prompt token queued ahead on the replica; below 1 because the replica counts a
+    # waiting prompt in full, its cached prefix included (the hit is known only at admission)
+    queue_weight: float = 0.5
     per_request_tokens: int = 64     # decode work of one in-flight request, in prompt tokens
     evict_cost: float = 0.5          # per block pushed out of a full pool, x block_size tokens
     common_share: float = 0.5        # a leading block in this share of recent requests is common
