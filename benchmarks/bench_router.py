@@ -15,7 +15,7 @@ they were sent: the hit rate no placement of requests could beat.
 
 ``--trace`` instead replays the Mooncake synthetic trace (../shared/traces) over HTTP,
 policies side by side (prefix_affinity, pow2, round_robin, consistent_hash) at each
-``--concurrency`` (closed loop, requests in trace order): see bench_router_trace.py.
+``--concurrency`` (closed loop, requests in trace order): see router_replay.py.
 
     python -m radixserve.benchmarks.bench_router --trace                     # the whole trace: hours on CPU
     python -m radixserve.benchmarks.bench_router --trace --requests 40 --concurrency 1,4 --policies prefix_affinity,pow2
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         import sys
         argv = sys.argv[1:]
     if "--trace" in argv:
-        from radixserve.benchmarks.bench_router_trace import main as trace_main
+        from radixserve.benchmarks.router_replay import main as trace_main
         return trace_main([a for a in argv if a != "--trace"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")

@@ -148,6 +148,16 @@ KEY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
      ">= 0.95"),
     ("router-small-llama", "affinity_load_max_over_mean", "max / mean requests per replica", "<= 1.25"),
     ("router-small-llama", "affinity_ttft_p50_over_pow2", "TTFT p50: prefix affinity / pow2", "< 1"),
+    ("router-trace", "trace_n8_hit_over_oracle", "simulator, Mooncake trace, 8 replicas: affinity hit rate / "
+     "one-cache oracle", ">= 0.9"),
+    ("router-trace", "trace_n8_load_max_over_mean", "the same: max / mean requests per replica", "<= 1.2"),
+    ("router-trace", "trace_n8_hit_over_consistent_hash", "the same: hit rate affinity / consistent hashing", ">= 1"),
+    ("router-trace", "trace_n8_ttft_p99_over_pow2", "the same: TTFT p99 affinity / pow2", "<= 1"),
+    ("router-trace", "trace_n32_hit_over_oracle", "simulator, 32 replicas: hit rate / oracle", ">= 0.9"),
+    ("router-trace", "trace_n32_load_max_over_mean", "the same: max / mean requests per replica", "<= 1.2"),
+    ("router-trace", "trace_n32_hit_over_consistent_hash", "the same: hit rate affinity / consistent hashing",
+     ">= 1"),
+    ("router-trace", "trace_n32_ttft_p99_over_pow2", "the same: TTFT p99 affinity / pow2", "<= 1"),
     ("lora", "lora_overhead", "LoRA path (1 adapter) / base model time - 1, cache off", ""),
     ("lora", "k16_cache_speedup", "16 adapters: time cache off / on", ""),
 )

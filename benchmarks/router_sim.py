@@ -456,19 +456,20 @@ def requests_for(workload: str, cfg: SimConfig, limit: int | None = None, trace:
 
 def run_grid(workloads: list[str], replicas: list[int], policies: list[str], base: SimConfig,
              router: dict[str, Any], limit: int | None = None, progress: bool = True,
-             trace: Path = TRACE) -> dict:
+             trace: Path = TRACE, concurrency: tuple[int, ...] = (0,)) -> dict:
+    """workload (with "@c<N>" for closed-loop runs) -> replicas -> policy -> SimResult fields."""
     try:
         from tqdm import tqdm
     except ImportError:  # the bench extra is not installed: plain loop
         tqdm = None
-    jobs = [(wl, n) for wl in workloads for n in replicas]
+    jobs = [(wl, n, c) for wl in workloads for c in concurrency for n in replicas]
     bar = tqdm(total=len(jobs) * len(policies), desc="router_sim") if (tqdm and progress) else None
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for wl, n in jobs:
-        cfg = SimConfig(**{**asdict(base), "replicas": n})
+    for wl, n, c in jobs:
+        cfg = SimConfig(**{**asdict(base), "replicas": n, "concurrency": c})
         reqs = requests_for(wl, cfg, limit, trace)
         orc = oracle_hit_rate(reqs, cfg)
-        row = out.setdefault(wl, {}).setdefault(str(n), {})
+        row = out.setdefault(f"{wl}@c{c}" if c else wl, {}).setdefault(str(n), {})
         for p in policies:
             t0 = time.perf_counter()
             res = simulate(reqs, cfg, p, router, orc)
@@ -507,15 +508,18 @@ def plot(path: Path, grid: dict) -> Path | None:
     except ImportError:
         return None
     wls = list(grid)
-    fig, axes = plt.subplots(len(wls), 3, figsize=(14, 3.2 * len(wls)), squeeze=False)
+    fig, axes = plt.subplots(len(wls), 4, figsize=(17, 3.2 * len(wls)), squeeze=False)
     for row, wl in zip(axes, wls):
         ns = sorted(grid[wl], key=int)
         pols = list(grid[wl][ns[0]])
-        for ax, metric, label in zip(row, ("hit_over_oracle", "load_max_over_mean", "ttft_p99_s"),
-                                     ("cached tokens / oracle", "max/mean requests", "TTFT p99 (s)")):
+        for ax, metric, label in zip(row, ("hit_over_oracle", "load_max_over_mean", "ttft_p50_s", "ttft_p99_s"),
+                                     ("cached tokens / oracle", "max/mean requests (log)", "TTFT p50 (s, log)",
+                                      "TTFT p99 (s, log)")):
             for p in pols:
                 ax.plot([int(n) for n in ns], [grid[wl][n][p][metric] for n in ns], marker="o", label=p)
             ax.set_xscale("log", base=2)
+            if metric != "hit_over_oracle":
+                ax.set_yscale("log")
             ax.set_title(f"{wl}: {label}", fontsize=9)
             ax.set_xlabel("replicas")
         row[0].legend(fontsize=7)
@@ -546,25 +550,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--router", action="append", default=[], help="RouterConfig override, e.g. tie_tokens=32")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--concurrency", default="0", help="comma list; > 0: closed loop with that many clients")
     for f in fields(SimConfig):
-        if f.name != "replicas":
+        if f.name not in ("replicas", "concurrency"):
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     args = p.parse_args(argv)
     base = SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)
-                        if f.name != "replicas" and getattr(args, f.name) is not None})
+                        if f.name not in ("replicas", "concurrency") and getattr(args, f.name) is not None})
+    concurrency = tuple(int(c) for c in args.concurrency.split(","))
     workloads = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
     grid = run_grid(workloads, [int(n) for n in args.replicas.split(",")], args.policies.split(","), base,
-                    _router_overrides(args.router), args.limit, trace=args.trace_file)
+                    _router_overrides(args.router), args.limit, trace=args.trace_file,
+                    concurrency=concurrency)
     summary = summarize(grid)
     for wl, by_n in grid.items():
         for n, by_p in by_n.items():
             for pol, r in by_p.items():
-                print(f"{wl:13s} n={n:>2s} {pol:16s} hit {r['hit_rate']:.3f} ({r['hit_over_oracle']:.2f}x oracle "
+                print(f"{wl:16s} n={n:>2s} {pol:16s} hit {r['hit_rate']:.3f} ({r['hit_over_oracle']:.2f}x oracle "
                       f"{r['oracle_hit_rate']:.3f})  max/mean req {r['load_max_over_mean']:.2f} "
                       f"work {r['work_max_over_mean']:.2f}  "
                       f"ttft p50 {r['ttft_p50_s'] * 1e3:7.1f} ms p99 {r['ttft_p99_s'] * 1e3:8.1f} ms")
     if not args.no_write:
-        suite = "router-trace" if workloads == ["trace"] else "router-workloads"
+        suite = ("router-trace" if workloads == ["trace"] else "router-workloads") + \
+            ("-closed" if any(concurrency) else "")
         path = write_result(suite, {**asdict(base), "router": asdict(RouterConfig(**_router_overrides(args.router))),
                                     "workloads": workloads}, grid, summary,
                             Path(args.out_dir) if args.out_dir else None,
