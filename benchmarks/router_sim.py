@@ -32,7 +32,17 @@ fed the requests in arrival order), max/mean requests per replica, TTFT
 p50/p99 under the service model.
 
     python -m radixserve.benchmarks.router_sim                        # whole trace, 2-32 replicas
-    python -m radixserve.benchmarks.router_sim --workloads all --replicas 8
+    python -m radixserve.benchmarks.router_sim --workloads shared_prefix,multi_turn,rag,hot_burst --replicas 2,8,32
+    python -m radixserve.benchmarks.router_sim --replicas 2 --concurrency 1,4,16 --max-output 1 --max-blocks 127
+        # the live replay's shape (bench_router --trace): closed loop, prefill only, 2048-token context
+    python -m radixserve.benchmarks.router_sim --router queue_weight=1.0 --no-write   # try a RouterConfig knob
+
+How the RouterConfig defaults were tuned (not on the figures reported): each
+candidate ran on the trace's two halves separately at 2.5 and 3.5 requests/s
+per replica, 8 and 32 replicas, on the four generated workloads at 8 replicas,
+and on the closed-loop 2-replica shape at 4 and 16 clients; a default moved
+only where it helped the mean over those without hurting hot_burst (the
+adversarial one). The reported run is the whole trace at 2 requests/s.
 """
 from __future__ import annotations
 

@@ -80,10 +80,10 @@ class RouterConfig:
     common_share: float = 0.5        # a leading block in this share of recent requests is common
     popularity_window: int = 256     # recent requests the common-block share is taken over
     tie_tokens: float = 16.0         # costs within this of the cheapest are near ties
-    balance_epsilon: float = 0.1     # new prefixes skip replicas above (1 + eps) * mean recent requests + 1
+    balance_epsilon: float = 0.1     # near ties skip replicas above (1 + eps) * mean recent requests + 1
     history_halflife_s: float = 60.0  # "recent requests": routed requests decayed with this half-life
     load_epsilon: float = 0.25       # in-flight backstop: above (1 + eps) * mean + load_slack goes last
-    load_slack: int = 4
+    load_slack: int = 4              # (at 1 a hot prefix spilled at 2 in flight, losing its hits)
     rendezvous_blocks: int = 4       # prefix blocks that key consistent_hash
     adapter_load_tokens: int = 256   # cost of loading a LoRA adapter into a replica's device slot
     predict_ttl_s: float = 2.0       # blocks routed to a replica count as cached there this long
