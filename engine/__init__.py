@@ -31,6 +31,7 @@ _EXPORTS = {
     "RequestMetrics": "radixserve.engine.entrypoints.outputs",
     "RequestOutput": "radixserve.engine.entrypoints.outputs",
     "SamplingParams": "radixserve.engine.sampling_params",
+    "StructuredOutputsParams": "radixserve.engine.structured.params",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -168,12 +168,30 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StructuredOutputsConfig:
+    """Grammar-constrained decoding (JSON schema, regex, choice, EBNF; needs xgrammar).
+
+    Grammars compile in ``grammar_compile_threads`` threads off the step loop;
+    the last ``grammar_cache_size`` compiled grammars are kept for reuse.
+    """
+
+    grammar_compile_threads: int = knob(2, "threads compiling structured-output grammars off the step loop")
+    grammar_cache_size: int = knob(256, "compiled structured-output grammars kept for reuse")
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.grammar_compile_threads <= 64,
+                 f"grammar_compile_threads must be in [1, 64], got {self.grammar_compile_threads}")
+        _require(self.grammar_cache_size >= 1, f"grammar_cache_size must be >= 1, got {self.grammar_cache_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     device: str = knob("auto", "auto | cpu | cuda[:N] (auto: cuda if available, else cpu)")
     attention_backend: str = knob("auto", "auto | torch | triton (auto: triton on CUDA, torch elsewhere)")
     log_stats_interval_s: float = knob(10.0, "seconds between the one-line stats log as vLLM prints it "

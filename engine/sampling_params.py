@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from radixserve.engine.structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # cap on logprobs / prompt_logprobs, as OpenAI's API does
 _U64 = (1 << 64) - 1
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
@@ -66,6 +68,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         _require(_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
@@ -109,6 +112,8 @@ class SamplingParams:
             v = getattr(self, name)
             _require(v is None or (_is_int(v) and 0 <= v <= MAX_LOGPROBS),
                      f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {v!r}")
+        _require(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+                 f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
         # Stop strings are matched on the decoded text, so they need it.
         _require(self.detokenize or not self.stop,
                  "stop strings need detokenize=True")

@@ -119,6 +119,11 @@ class Tokenizer:
         self._template: jinja2.Template | None = None
 
     @property
+    def hf_tokenizer(self) -> HFTokenizer:
+        """The underlying ``tokenizers.Tokenizer`` (structured outputs read its vocabulary)."""
+        return self._tok
+
+    @property
     def eos_token_id(self) -> int | None:
         return min(self.eos_token_ids) if self.eos_token_ids else None
 

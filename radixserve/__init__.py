@@ -13,6 +13,7 @@ import importlib
 _EXPORTS = {
     "LLM": "radixserve.engine.entrypoints.llm",
     "SamplingParams": "radixserve.engine.sampling_params",
+    "StructuredOutputsParams": "radixserve.engine.structured.params",
     "AsyncLLMEngine": "radixserve.engine.entrypoints.async_engine",
     "LoRARequest": "radixserve.engine.lora.request",
     "RequestOutput": "radixserve.engine.entrypoints.outputs",

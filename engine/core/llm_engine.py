@@ -24,6 +24,7 @@ from radixserve.engine.lora.request import LoRARequest
 from radixserve.engine.model.default_models import resolve_model
 from radixserve.engine.model.hf_config import generation_defaults, load_arch_config
 from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.structured.manager import StructuredOutputManager
 from radixserve.engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, self.lora,
                                    self.metrics)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.metrics)
+        self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
+                                                  config.structured_outputs, self.metrics)
         self._seq_ids = itertools.count()
 
     def _init_pools(self) -> int:
@@ -152,6 +155,7 @@ class LLMEngine:
         self._make_seqs(request)
         self.scheduler.add_request(request)
         self.outputs.add_request(request)
+        self.structured.add_request(request)  # its grammar compiles off this thread; it waits for it
         return request
 
     def validate_params(self, params: SamplingParams) -> None:
@@ -159,6 +163,10 @@ class LLMEngine:
         over = params.over_seq_limit(self.config.scheduler.max_num_seqs)
         if over is not None:
             raise ValueError(over[1])
+        if params.structured_outputs is not None:
+            # Builds the grammar now (a bad one is a ValueError naming the problem) and
+            # starts its compile, so add_request finds it cached.
+            self.structured.prepare(params.structured_outputs)
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -225,8 +233,17 @@ class LLMEngine:
     # -- stepping ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        failed = []
+        if self.structured.has_pending:  # requests whose grammar compiled become schedulable
+            failed = [self._fail_request(r, err) for r, err in self.structured.poll()]
+        outputs = self._step()
+        self.structured.release_finished()
+        return failed + outputs
+
+    def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         so = self.scheduler.schedule()
+        so.grammar_mask = self.structured.fill_mask(so)
         try:
             self._send_transfers()
             if so.is_empty and not so.finished_seq_ids:
@@ -248,6 +265,7 @@ class LLMEngine:
                     self.lora.invalidate_slot(ld.slot)
             return failed + self._fail_step(so, result.error)
         updated = self.scheduler.update(so, result)
+        self.structured.accept(updated, self.scheduler.finish_seq)
         outputs = failed + self.outputs.process(updated, result.prompt_logprobs)
         self._record_step(time.perf_counter() - start)
         self.stats_logger.maybe_log()
@@ -350,6 +368,8 @@ class LLMEngine:
         return self.kv.snapshot()
 
     def shutdown(self) -> None:
+        if getattr(self, "structured", None) is not None:
+            self.structured.shutdown()
         executor = getattr(self, "executor", None)
         if executor is not None:
             executor.shutdown()

@@ -107,6 +107,8 @@ _SCALARS = {
     "lora_slot_evictions": ("counter", "Idle LoRA adapters evicted from a device slot (LRU)"),
     "num_loras_loaded": ("gauge", "LoRA adapters registered (accepting requests)"),
     "num_loras_resident": ("gauge", "LoRA adapters resident in device slots"),
+    "grammar_compiles": ("counter", "Structured-output grammars compiled"),
+    "grammar_cache_hits": ("counter", "Structured-output requests whose grammar was already compiled (or compiling)"),
 }
 
 

@@ -201,6 +201,9 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if seq.request.grammar_pending:  # its grammar is compiling: let the others go first
+                deferred.append(self.waiting.popleft())
+                continue
             seats = self._seats(seq)
             if used + seats > self.config.max_num_seqs:
                 break

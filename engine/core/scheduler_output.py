@@ -57,6 +57,20 @@ class LoRALoad:
 
 
 @dataclass
+class GrammarMask:
+    """Allowed-token bitmasks of the step's constrained sample rows (structured outputs).
+
+    Row j of ``bitmask`` (``num_words`` little-endian int32s, xgrammar's layout:
+    bit t % 32 of word t // 32 set = token t allowed) belongs to
+    ``sample_rows[rows[j]]``; rows not listed are unconstrained.
+    """
+
+    rows: list[int]
+    num_words: int
+    bitmask: bytes
+
+
+@dataclass
 class SchedulerOutput:
     step_id: int
     seqs: list[ScheduledSeq] = field(default_factory=list)
@@ -67,6 +81,7 @@ class SchedulerOutput:
     wait_transfers: list[int] = field(default_factory=list)  # swap-outs to finish before replying
     transfers_before_forward: list[int] = field(default_factory=list)  # copy-on-evict: before any write
     lora_loads: list[LoRALoad] = field(default_factory=list)  # before the forward, in order
+    grammar_mask: GrammarMask | None = None  # set by the engine after scheduling; rank 0 applies it
 
     @property
     def num_tokens(self) -> int:

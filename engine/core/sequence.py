@@ -105,6 +105,7 @@ class Request:
     prompt_logprobs_buffer: list | None = None  # filled chunk by chunk during prefill
     lora: LoRAAdapter | None = None  # the adapter version it runs on (its namespace is in ``namespace``)
     num_finished: int = 0  # sequences finished so far: is_finished stays O(1) for any n
+    grammar_pending: bool = False  # structured outputs: its grammar is still compiling; not schedulable
 
     @property
     def prompt_len(self) -> int:

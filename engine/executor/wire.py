@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: SchedulerOutput.grammar_mask, SamplingParams.structured_outputs
 
 
 class WireError(ValueError):

@@ -17,6 +17,7 @@ from radixserve.engine.core.scheduler_output import (
 )
 from radixserve.engine.model.hf_config import ArchConfig
 from radixserve.engine.model.loader import build_model
+from radixserve.engine.structured.mask import apply_grammar_mask
 from radixserve.engine.worker.attention import AttentionMetadata, select_backend
 from radixserve.engine.worker.distributed import TPGroup
 from radixserve.engine.worker.sampler import Sampler, SeqSamplingState
@@ -272,7 +273,9 @@ class ModelRunner:
     def _sample(self, so: SchedulerOutput, logits: torch.Tensor, row_of: dict[int, int]) -> list[SampledToken]:
         rows = torch.tensor([row_of[r.source] for r in so.sample_rows], device=logits.device)
         states = [self.states[r.seq_id] for r in so.sample_rows]
-        out = self.sampler(logits[rows], states)  # [num_sample_rows, vocab] in
+        logits = logits[rows]  # [num_sample_rows, vocab], a copy
+        apply_grammar_mask(logits, so.grammar_mask)  # structured outputs: constrained rows only
+        out = self.sampler(logits, states)
         sampled = []
         for i, r in enumerate(so.sample_rows):
             states[i].output_token_ids.append(out.token_ids[i])
