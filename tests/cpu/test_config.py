@@ -32,6 +32,7 @@ OTHER = {
     "tensor_parallel_size": 2, "engine_worker_queue_port": 0, "cache_queue_port": 0, "worker_host": "0.0.0.0",
     "worker_timeout_s": 5.0,
     "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 8, "lora_modules": ("a=/p/a",),
+    "grammar_compile_threads": 1, "grammar_cache_size": 8,
     "device": "cpu", "attention_backend": "torch", "log_stats_interval_s": 0.0,
 }
 NEEDS = {"lora_modules": {"enable_lora": True}}  # options only valid together with another one
