@@ -11,6 +11,7 @@ replica, after the backend exists: ``@serve.ingress()`` on a class whose
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -71,9 +72,19 @@ from radixserve.cluster.openai_api.serving import (
     unavailable,
     until_disconnect,
 )
+from radixserve.cluster.openai_api.structured import structured_params
+from radixserve.cluster.openai_api.tools import (
+    ToolChatStreamer,
+    ToolPlan,
+    apply_to_response,
+    check_tool_parser,
+    render_messages,
+    tool_plan,
+)
 from radixserve.engine.cache.hashing import request_namespace
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.structured.params import StructuredOutputsParams
 from radixserve.engine.tokenizer import Tokenizer
 
 __all__ = ["ServerConfig", "attach_backend", "build_app"]
@@ -111,6 +122,8 @@ class ServerConfig:
     allowed_lora_roots: directories runtime LoRA loads (/v1/load_lora_adapter) may read
         from, as vLLM's --allowed-local-media-path; empty (the default): runtime loading is
         off. Adapters given at startup (lora_modules) are not restricted.
+    tool_call_parser: how tool_choice "auto" finds tool calls in the text (vLLM's
+        --tool-call-parser); "hermes": <tool_call>{...}</tool_call>.
     """
 
     served_model_name: str | tuple[str, ...] | None = None
@@ -129,8 +142,10 @@ class ServerConfig:
     max_stop_sequences: int = 64
     metrics_api_key: str | None = None
     allowed_lora_roots: tuple[str, ...] = ()
+    tool_call_parser: str = "hermes"  # how "auto" tool calls are read from the text (tools.TOOL_PARSERS)
 
     def __post_init__(self) -> None:
+        check_tool_parser(self.tool_call_parser)
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -389,13 +404,15 @@ async def _completion_jobs(request: Request, body: CompletionRequest, rid: str,
     tok, limit = _backend(request).tokenizer, _max_model_len(request)
     prompts = completion_prompts(body)
     check_count(prompts, _config(request).max_prompts_per_request, "prompt", "prompts")
+    constraint = structured_params(body)
     jobs = []
     for i, (ids, text) in enumerate(await _encode_prompts(request, prompts)):
         if not ids or text == "":  # "" may still encode to a lone BOS
             raise RequestError("the prompt is empty", param="prompt")
         _check_vocab(tok, ids)
         max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), limit, "prompt")
-        params = _fits(request, completion_sampling_params(body, max_tokens, _backend(request).default_sampling))
+        params = _fits(request, _constrained(
+            completion_sampling_params(body, max_tokens, _backend(request).default_sampling), constraint))
         jobs.append(Job(ids, text, params, f"{rid}-{i}", namespace, lora))
     return jobs
 
@@ -404,6 +421,10 @@ def _requested_max_tokens(request: Request, body: CompletionRequest | ChatComple
     """The request's own limit, else the model's generation_config max_new_tokens, else None (the rest)."""
     asked = body.requested_max_tokens
     return asked if asked is not None else _backend(request).default_sampling.get("max_tokens")
+
+
+def _constrained(params: SamplingParams, constraint: StructuredOutputsParams | None) -> SamplingParams:
+    return params if constraint is None else dataclasses.replace(params, structured_outputs=constraint)
 
 
 def _fits(request: Request, params: SamplingParams) -> SamplingParams:
@@ -425,15 +446,24 @@ def _check_vocab(tok: Tokenizer, ids: list[int]) -> None:
 
 
 async def _chat_job(request: Request, body: ChatCompletionRequest, rid: str, namespace: tuple[str, ...],
-                    lora: str | None) -> Job:
-    ids, text = await _encode_chat(request, chat_messages(body.messages), body.add_generation_prompt is not False,
-                                   body.chat_template_kwargs)
+                    lora: str | None) -> tuple[Job, ToolPlan | None]:
+    tok = _backend(request).tokenizer
+    plan = tool_plan(body, _config(request).tool_call_parser)
+    constraint = structured_params(body)
+    tool_constraint = plan.constraint() if plan is not None else None
+    if constraint is not None and tool_constraint is not None:
+        raise RequestError("tool_choice required / a named function and an output constraint "
+                           "(response_format, structured_outputs, guided_*) cannot be combined", param="tool_choice")
+    messages, tool_kwargs = render_messages(body.messages, chat_messages(body.messages), tok.chat_template, plan)
+    ids, text = await _encode_chat(request, messages, body.add_generation_prompt is not False,
+                                   {**tool_kwargs, **(body.chat_template_kwargs or {})})
     if not ids:
         raise RequestError("the rendered chat prompt is empty", param="messages")
     max_tokens = resolve_max_tokens(_requested_max_tokens(request, body), len(ids), _max_model_len(request),
                                     "messages")
-    params = _fits(request, chat_sampling_params(body, max_tokens, _backend(request).default_sampling))
-    return Job(ids, text, params, f"{rid}-0", namespace, lora)
+    params = _fits(request, _constrained(chat_sampling_params(body, max_tokens, _backend(request).default_sampling),
+                                         constraint or tool_constraint))
+    return Job(ids, text, params, f"{rid}-0", namespace, lora), plan
 
 
 async def _prepare(request: Request, body: CompletionRequest | ChatCompletionRequest,
@@ -504,14 +534,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     rid, created = _new_request_id(request, "chatcmpl"), int(time.time())
     model, namespace, lora = await _prepare(request, body, tenant)
     backend, config = _backend(request), _config(request)
-    job = await _chat_job(request, body, rid, namespace, lora)
+    job, plan = await _chat_job(request, body, rid, namespace, lora)
     top = job.params.logprobs  # None unless logprobs=true
     text = TokenText(backend.tokenizer, job.params.skip_special_tokens)
     if body.wants_stream:
         opened = await until_disconnect(request, open_streams(backend, [job]), config.disconnect_poll_s)
         streamer = ChatStreamer(rid, created, model, job.params.n, top, text, bool(body.return_token_ids))
         final = (lambda outs: [streamer.usage_chunk(outs)]) if body.include_usage_in_stream else (lambda _: [])
-        return SSEResponse(sse_events(opened, lambda _, out: streamer.chunks(out), final, rid),
+        chunks = streamer.chunks
+        if plan is not None and plan.choice != "none":
+            chunks = ToolChatStreamer(rid, created, model, job.params.n, plan).chunks
+        return SSEResponse(sse_events(opened, lambda _, out: chunks(out), final, rid),
                            headers=_headers(request, rid, [opened[0].stream.replica_id]))
 
     async def work() -> tuple[RequestOutput, str]:
@@ -519,6 +552,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         return (await run_to_end(opened))[0], opened[0].stream.replica_id
     out, replica = await until_disconnect(request, work(), config.disconnect_poll_s)
     resp = chat_response(rid, created, model, out, top, text, bool(body.return_token_ids))
+    if plan is not None:
+        apply_to_response(resp, plan)
     return JSONResponse(resp.model_dump(mode="json"), headers=_headers(request, rid, [replica]))
 
 

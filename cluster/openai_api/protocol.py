@@ -47,6 +47,8 @@ class ChatMessage(_Model):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (tools.py renders them)
+    tool_call_id: str | None = None  # a role "tool" turn: the call it answers
 
 
 class _GenerationRequest(_Model):
@@ -76,14 +78,15 @@ class _GenerationRequest(_Model):
     user: str | None = None
     cache_salt: str | None = None
     return_token_ids: bool | None = False  # vLLM: prompt and output token ids in the response
-    # Known but not honoured: accepted only at their no-op value (see _UNSUPPORTED).
-    logit_bias: Any = None
+    # Output constraints (structured.py turns them into StructuredOutputsParams).
     response_format: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    # Known but not honoured: accepted only at their no-op value (see _UNSUPPORTED).
+    logit_bias: Any = None
     prompt_logprobs: Any = None
     use_beam_search: Any = None
     return_tokens_as_token_ids: Any = None
@@ -120,8 +123,9 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None  # reach the chat template (enable_thinking, ...)
-    tools: Any = None
+    tools: Any = None  # validated by tools.py
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
     continue_final_message: Any = None
@@ -155,10 +159,6 @@ def _is_falsy(v: Any) -> bool:
     return not v
 
 
-def _is_text_format(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and v.get("type", "text") == "text")
-
-
 def _is_no_tool_choice(v: Any) -> bool:
     return v is None or v in ("none", "auto")
 
@@ -171,12 +171,6 @@ def _is_text_modality(v: Any) -> bool:
 _Rule = tuple[Callable[[Any], bool], str]
 _UNSUPPORTED: dict[str, _Rule] = {
     "logit_bias": (_is_falsy, "logit_bias is not supported"),
-    "response_format": (_is_text_format, "only response_format {\"type\": \"text\"} is supported"),
-    "guided_json": (_is_none, "guided decoding is not supported"),
-    "guided_regex": (_is_none, "guided decoding is not supported"),
-    "guided_choice": (_is_none, "guided decoding is not supported"),
-    "guided_grammar": (_is_none, "guided decoding is not supported"),
-    "structured_outputs": (_is_none, "structured outputs are not supported"),
     "prompt_logprobs": (_is_none, "prompt_logprobs is not supported; use echo with logprobs"),
     "use_beam_search": (_is_falsy, "beam search is not supported"),
     "return_tokens_as_token_ids": (_is_falsy, "return_tokens_as_token_ids is not supported"),
@@ -187,8 +181,6 @@ _UNSUPPORTED_COMPLETION: dict[str, _Rule] = {
     "suffix": (_is_falsy, "suffix is not supported"),
 }
 _UNSUPPORTED_CHAT: dict[str, _Rule] = {
-    "tools": (_is_falsy, "tools (function calling) are not supported"),
-    "tool_choice": (_is_no_tool_choice, "tool_choice is not supported"),
     "functions": (_is_falsy, "functions (function calling) are not supported"),
     "function_call": (_is_no_tool_choice, "function_call is not supported"),
     "continue_final_message": (_is_falsy, "continue_final_message is not supported"),
@@ -400,9 +392,27 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
-class ChatMessageOut(BaseModel):
+class FunctionCall(_DropNone):
+    drop_if_none = ("name", "arguments")
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(_DropNone):
+    """A tool call; in a stream delta only ``index`` is always there (id, type, name: first delta)."""
+
+    drop_if_none = ("id", "type", "index")
+    index: int | None = None  # stream deltas only
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
+class ChatMessageOut(_DropNone):
+    drop_if_none = ("tool_calls",)
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_DropNone):
@@ -427,9 +437,10 @@ class ChatCompletionResponse(_DropNone):
 
 
 class DeltaMessage(_DropNone):
-    drop_if_none = ("role", "content")
+    drop_if_none = ("role", "content", "tool_calls")
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatStreamChoice(_DropNone):

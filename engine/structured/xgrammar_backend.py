@@ -45,6 +45,27 @@ def _choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+# xgrammar 0.2.9 builds a string with minLength/maxLength from [^"\\\r\n], which lets raw
+# control characters (invalid JSON) through; an equivalent pattern keeps them out.
+_PLAIN_CHAR = r'[^"\\\x00-\x1f]'
+
+
+def _fix_string_lengths(node: Any) -> Any:
+    """A copy of the schema where length-bounded plain strings are patterns instead."""
+    if isinstance(node, list):
+        return [_fix_string_lengths(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _fix_string_lengths(v) for k, v in node.items()}
+    lo, hi = out.get("minLength"), out.get("maxLength")
+    if (out.get("type") == "string" and (lo is not None or hi is not None) and "pattern" not in out
+            and "format" not in out and all(v is None or isinstance(v, int) for v in (lo, hi))):
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f"^{_PLAIN_CHAR}{{{lo or 0},{'' if hi is None else hi}}}$"
+    return out
+
+
 def build_grammar(params: StructuredOutputsParams) -> Any:
     """The tokenizer-independent grammar; ValueError naming what is wrong with it."""
     xgr = import_xgrammar()
@@ -53,7 +74,8 @@ def build_grammar(params: StructuredOutputsParams) -> Any:
     strict = params.disable_additional_properties
     try:
         if kind == "json":
-            return xgr.Grammar.from_json_schema(params.json, any_whitespace=ws, strict_mode=strict)
+            schema = json.dumps(_fix_string_lengths(json.loads(params.json or "{}")))
+            return xgr.Grammar.from_json_schema(schema, any_whitespace=ws, strict_mode=strict)
         if kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=ws)
         if kind == "regex":
