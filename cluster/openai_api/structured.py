@@ -48,9 +48,13 @@ def _from_response_format(rf: Any) -> StructuredOutputsParams | None:
                        param="response_format")
 
 
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_OPTIONS = ("disable_any_whitespace", "disable_additional_properties")
+
+
 def _from_structured_outputs(so: Any) -> StructuredOutputsParams | None:
-    if so is None:
-        return None
+    if so is None or (isinstance(so, dict) and not any(so.get(k) not in (None, False) for k in _KINDS)):
+        return None  # options only (or nothing): they apply to response_format / guided_* (vLLM merges them)
     if not isinstance(so, dict):
         raise RequestError("structured_outputs must be an object", param="structured_outputs")
     unknown = sorted(set(so) - set(_SO_FIELDS) - {"backend", "whitespace_pattern", "structural_tag"})
@@ -79,4 +83,20 @@ def structured_params(req: Any) -> StructuredOutputsParams | None:
             found.append((name, _make(name, **{kind: value})))
     if len(found) > 1:
         raise RequestError(f"send at most one output constraint; got {[n for n, _ in found]}", param=found[1][0])
-    return found[0][1] if found else None
+    if not found:
+        return None
+    name, params = found[0]
+    raw = getattr(req, "structured_outputs", None)
+    options = {k: raw[k] for k in _OPTIONS if isinstance(raw, dict) and raw.get(k) is not None}
+    if name != "structured_outputs" and options:
+        _from_structured_outputs_check(raw)
+        kwargs = {k: getattr(params, k) for k in (*_KINDS, *_OPTIONS)}
+        params = _make("structured_outputs", **{**kwargs, **options})
+    return params
+
+
+def _from_structured_outputs_check(so: dict[str, Any]) -> None:
+    unknown = sorted(set(so) - set(_SO_FIELDS) - {"backend"})
+    if unknown:
+        raise RequestError(f"structured_outputs: unknown field(s) {unknown}; known: {list(_SO_FIELDS)}",
+                           param="structured_outputs")
