@@ -57,7 +57,7 @@ def build_application(cfg: ClusterConfig):
     server = {"served_model_name": cfg.served_model_name, "api_keys": cfg.api_keys,
               "allowed_origins": tuple(cfg.allowed_origins), "allowed_methods": tuple(cfg.allowed_methods),
               "allowed_headers": tuple(cfg.allowed_headers), "allow_credentials": cfg.allow_credentials,
-              "return_request_id_header": False, **cfg.server_limits()}
+              "tool_call_parser": cfg.tool_call_parser, "return_request_id_header": False, **cfg.server_limits()}
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1000)

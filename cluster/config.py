@@ -30,6 +30,7 @@ class ClusterConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    tool_call_parser: str = "hermes"  # how tool_choice "auto" reads tool calls (vLLM's --tool-call-parser)
     max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
     autoscaling: dict | None = None  # Serve autoscaling_config (then num_replicas is ignored)
     # Ray Serve LLM's shape: LLMServer deployment options (autoscaling_config, max_ongoing_requests,
@@ -58,6 +59,8 @@ class ClusterConfig:
         if owned:
             raise ValueError(f"deployment_config may not set {owned}: radixserve places replicas and their "
                              "TP workers itself (use replica_cpus / use_gpu)")
+        from radixserve.cluster.openai_api.tools import check_tool_parser
+        check_tool_parser(self.tool_call_parser)  # at startup, not in the ingress replica
         if self.router not in POLICIES:
             raise ValueError(f"router must be one of {', '.join(POLICIES)}, got {self.router!r}")
         if not (isinstance(self.stall_timeout_s, (int, float)) and self.stall_timeout_s >= 0):

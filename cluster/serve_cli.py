@@ -48,6 +48,9 @@ def add_serve_parser(sub, add_engine_flags) -> None:
                             f"{list(getattr(ClusterConfig, f'allowed_{name}')) or 'none'})")
     s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     _add_limit_flags(s, ClusterConfig)
+    s.add_argument("--tool-call-parser", default=ClusterConfig.tool_call_parser,
+                   help=f"how tool_choice auto finds tool calls in the output (default: {ClusterConfig.tool_call_parser}: "
+                        "<tool_call>{...}</tool_call>)")
     s.add_argument("--host", "--http-host", dest="http_host", default="127.0.0.1",
                    help="HTTP address (default: 127.0.0.1; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)
@@ -109,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         allowed_origins=_cors(args.allowed_origins), allowed_methods=_cors(args.allowed_methods),
                         allowed_headers=_cors(args.allowed_headers), allow_credentials=args.allow_credentials,
                         replica_cpus=args.replica_cpus, engine=engine_kwargs(args),
+                        tool_call_parser=args.tool_call_parser,
                         max_request_body_bytes=args.max_request_body_bytes, max_prompt_chars=args.max_prompt_chars,
                         max_prompts_per_request=args.max_prompts_per_request,
                         max_stop_sequences=args.max_stop_sequences, metrics_api_key=args.metrics_api_key,
