@@ -180,3 +180,34 @@ def test_tensor_parallel_masks_on_rank0(tiny_dir):
             assert re.fullmatch(r"(ab|cd){2,5}!", out.outputs[0].text), out.outputs[0].text
     finally:
         llm.engine.shutdown()
+
+
+def _run(eng, done: dict, steps: int | None = None) -> None:
+    n = 0
+    while eng.has_unfinished_requests() and (steps is None or n < steps):
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        n += 1
+
+
+def test_a_request_waits_for_its_grammar_without_blocking_others(llm):
+    from concurrent.futures import Future
+    eng, done = llm.engine, {}
+    so, bad = StructuredOutputsParams(regex="wait-[0-9]"), StructuredOutputsParams(regex="never-[0-9]")
+    gates = {so.key: Future(), bad.key: Future()}  # their compiles "are still running"
+    eng.structured._cache.update(gates)
+    eng.add_request("c", "x", SamplingParams(max_tokens=10, structured_outputs=so))
+    eng.add_request("f", "x", SamplingParams(max_tokens=10, structured_outputs=bad))
+    eng.add_request("u", "y", SamplingParams(max_tokens=5, ignore_eos=True))
+    _run(eng, done, steps=20)
+    assert set(done) == {"u"} and len(done["u"].outputs[0].token_ids) == 5
+    assert eng.scheduler.requests["c"].seqs[0].num_computed_tokens == 0  # never scheduled
+    del eng.structured._cache[so.key]
+    gates[so.key].set_result(eng.structured.prepare(so).result())
+    gates[bad.key].set_exception(RuntimeError("out of memory"))
+    _run(eng, done)
+    assert re.fullmatch(r"wait-[0-9]", done["c"].outputs[0].text)
+    assert done["f"].outputs[0].finish_reason == "error" and "out of memory" in done["f"].error
+    eng.structured._cache.pop(bad.key, None)
+    assert eng.structured._matchers == {}
