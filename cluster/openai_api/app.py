@@ -58,6 +58,7 @@ from radixserve.cluster.openai_api.render import (
     chat_response,
     completion_response,
 )
+from radixserve.cluster.openai_api.responses import ResponseBuilder, ResponsesRequest, to_chat_request
 from radixserve.cluster.openai_api.serving import (
     APIError,
     ClientDisconnected,
@@ -492,6 +493,7 @@ def _add_routes(app: FastAPI) -> None:
     # wrapper holds a lock, and Ray Serve must be able to pickle the app.
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    app.add_api_route("/v1/responses", create_response, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_api_route("/version", version, methods=["GET"])
@@ -555,6 +557,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     if plan is not None:
         apply_to_response(resp, plan)
     return JSONResponse(resp.model_dump(mode="json"), headers=_headers(request, rid, [replica]))
+
+
+async def create_response(body: ResponsesRequest, request: Request,
+                          tenant: str | None = Depends(tenant_of)) -> Response:
+    """The Responses API, run as the chat completion it translates to (responses.py)."""
+    chat = to_chat_request(body)
+    model, namespace, lora = await _prepare(request, chat, tenant)
+    backend, config = _backend(request), _config(request)
+    created = int(time.time())
+    job, plan = _chat_job(request, chat, f"resp-{uuid.uuid4().hex}", namespace, lora)
+    builder = ResponseBuilder(body, model, created, plan)
+    if body.stream:
+        opened = await until_disconnect(request, open_streams(backend, [job]), config.disconnect_poll_s)
+        return SSEResponse(sse_events(opened, lambda _, out: builder.events(out), lambda _: []),
+                           headers=_headers(request, builder.id, [opened[0].stream.replica_id]))
+
+    async def work() -> tuple[RequestOutput, str]:
+        opened = await open_streams(backend, [job])
+        return (await run_to_end(opened))[0], opened[0].stream.replica_id
+    out, replica = await until_disconnect(request, work(), config.disconnect_poll_s)
+    return JSONResponse(builder.response(out), headers=_headers(request, builder.id, [replica]))
 
 
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request,

@@ -191,3 +191,45 @@ def test_hermes_parser():
                              '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
     assert content == "hm" and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}), ("b", {})]
     assert p.parse("<tool_call>{broken</tool_call>") == ("<tool_call>{broken</tool_call>", [])
+
+
+# -- /v1/responses ---------------------------------------------------------------------------------
+
+def test_responses_text_streamed_and_not(client):
+    kw = dict(model=MODEL, input="hello there", instructions="Be brief.", max_output_tokens=8,
+              extra_body={"seed": 3, "temperature": 1.0})
+    resp = client.responses.create(**kw)
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage.output_tokens == 8 and resp.output[0].type == "message"
+    text = resp.output_text
+    assert text
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] == "response.incomplete" and "response.output_text.done" in kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert events[-1].response.output_text == text
+
+
+def test_responses_json_format_and_tools(client, http, url):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    resp = client.responses.create(model=MODEL, input=[{"role": "user", "content": "json please"}],
+                                   text={"format": {"type": "json_schema", "name": "r", "schema": schema, "strict": True}},
+                                   max_output_tokens=60, extra_body=COMPACT)
+    assert resp.status == "completed"
+    jsonschema.validate(json.loads(resp.output_text), schema)
+    flat = {"type": "function", **WEATHER["function"]}
+    history = [{"role": "user", "content": "weather?"},
+               {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "oslo", "unit": "c"}'},
+               {"type": "function_call_output", "call_id": "c1", "output": "cold"},
+               {"role": "user", "content": "and again?"}]
+    resp = client.responses.create(model=MODEL, input=history, tools=[flat], max_output_tokens=80,
+                                   tool_choice={"type": "function", "name": "get_weather"})
+    (call,) = [o for o in resp.output if o.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    r = http.post(f"{url}/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp_1"})
+    assert_error(r, 400, param="previous_response_id")
