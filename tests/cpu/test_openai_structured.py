@@ -233,3 +233,14 @@ def test_responses_json_format_and_tools(client, http, url):
     jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
     r = http.post(f"{url}/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp_1"})
     assert_error(r, 400, param="previous_response_id")
+
+
+def test_responses_streamed_tool_call(client):
+    flat = {"type": "function", **WEATHER["function"]}
+    events = list(client.responses.create(model=MODEL, input="weather?", tools=[flat], max_output_tokens=80,
+                                          tool_choice="required", parallel_tool_calls=False, stream=True))
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert [e.item.type for e in done] == ["function_call"]
+    assert done[0].item.name == "get_weather"
+    jsonschema.validate(json.loads(done[0].item.arguments), WEATHER["function"]["parameters"])
+    assert events[-1].type == "response.completed" and events[-1].response.output[0].type == "function_call"
