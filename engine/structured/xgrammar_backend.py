@@ -34,7 +34,9 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: frozen
     hf = tokenizer.hf_tokenizer
     encoded = [""] * max(vocab_size, hf.get_vocab_size(with_added_tokens=True))
     for token, i in hf.get_vocab(with_added_tokens=True).items():
-        encoded[i] = token
+        # Special tokens (BOS, headers, reserved) are no text: left empty, xgrammar never allows
+        # them (it would otherwise read "<|eot_id|>" as ten characters of a JSON string).
+        encoded[i] = "" if i in tokenizer.special_token_ids and i not in stop_token_ids else token
     meta = xgr.TokenizerInfo._detect_metadata_from_hf(hf.to_str())  # byte-level / byte-fallback / raw
     return xgr.TokenizerInfo(encoded[:vocab_size], vocab_type=meta["vocab_type"], vocab_size=vocab_size,
                              stop_token_ids=sorted(stop_token_ids), add_prefix_space=meta["add_prefix_space"])

@@ -37,6 +37,8 @@ def accepted_prefix(llm: LLM, so: StructuredOutputsParams, token_ids: list[int])
 
 def check_json(llm: LLM, so: StructuredOutputsParams, schema: dict, c) -> bool:
     """True when ``c`` finished and validates; a cut one must be an accepted prefix."""
+    tok = llm.engine.tokenizer
+    assert not set(c.token_ids) & (tok.special_token_ids - llm.engine.eos_token_ids)  # special tokens are no text
     if c.finish_reason == "stop":
         jsonschema.validate(json.loads(c.text), schema)
         return True
@@ -211,3 +213,21 @@ def test_a_request_waits_for_its_grammar_without_blocking_others(llm):
     assert done["f"].outputs[0].finish_reason == "error" and "out of memory" in done["f"].error
     eng.structured._cache.pop(bad.key, None)
     assert eng.structured._matchers == {}
+
+
+def test_special_tokens_are_never_text(llm):
+    """A free-text position (a JSON string, ``.*``) allows no special token but the stop token."""
+    import numpy as np
+    import torch
+    xgr = xgb.import_xgrammar()
+    tok, eos = llm.engine.tokenizer, llm.engine.eos_token_ids
+    for so, prefix in [(StructuredOutputsParams(json={"type": "string"}), '"'),
+                       (StructuredOutputsParams(regex=".*"), "")]:
+        matcher = xgr.GrammarMatcher(llm.engine.structured.prepare(so).result())
+        for t in tok.encode(prefix, add_special_tokens=False):
+            assert matcher.accept_token(t)
+        bitmask = torch.empty((1, llm.engine.structured.num_words), dtype=torch.int32)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")
+        assert allowed.sum() > 100  # free text
+        assert {i for i in tok.special_token_ids if allowed[i]} <= set(eos)
