@@ -76,7 +76,9 @@ def build_grammar(params: StructuredOutputsParams) -> Any:
     strict = params.disable_additional_properties
     try:
         if kind == "json":
-            schema = json.dumps(_fix_string_lengths(json.loads(params.json or "{}")))
+            spec = params.json  # canonical JSON text after StructuredOutputsParams.__post_init__
+            raw = json.loads(spec) if isinstance(spec, str) else spec
+            schema = json.dumps(_fix_string_lengths(raw))
             return xgr.Grammar.from_json_schema(schema, any_whitespace=ws, strict_mode=strict)
         if kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=ws)
