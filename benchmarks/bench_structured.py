@@ -4,7 +4,9 @@ Batch 1 and 16, interleaved rounds in one run; the constrained requests follow
 a JSON schema (an array of >= 200 small integers) that cannot end within
 ``output_len`` tokens, so both sides decode the same number of tokens. Compile
 times are per schema of the structured-output tests, then the cache hit on a
-repeat.
+repeat. The grammar's own cost per step (fill the bitmasks, mask the logits,
+advance the matchers) is also timed alone and set against a plain step, which
+holds on a loaded machine where whole-run tokens/s drift.
 
     python -m radixserve.benchmarks.bench_structured [--quick]
 """
@@ -18,7 +20,9 @@ from pathlib import Path
 
 from radixserve.benchmarks.common import bar_plot, command_line, median, percentile, print_summary, write_result
 from radixserve.engine import LLM, SamplingParams
+from radixserve.engine.core.scheduler_output import SampleRow, SchedulerOutput
 from radixserve.engine.model.default_models import resolve_model
+from radixserve.engine.structured.mask import apply_grammar_mask
 from radixserve.engine.structured.params import StructuredOutputsParams
 
 LONG = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 200}
@@ -56,6 +60,42 @@ def decode_rate(llm: LLM, prompts: list[list[int]], output_len: int, constrained
     return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
+def mask_cost(llm: LLM, batch: int, reps: int) -> dict:
+    """Per step, measured alone (robust on a loaded machine): the engine filling ``batch``
+    bitmasks and accepting a token per row, and rank 0 masking the logits rows."""
+    import torch
+
+    from radixserve.engine.structured.xgrammar_backend import import_xgrammar
+    xgr = import_xgrammar()
+    compiled = llm.engine.structured.prepare(StructuredOutputsParams(json=LONG, disable_any_whitespace=True)).result()
+    vocab = llm.engine.arch.vocab_size
+    so = SchedulerOutput(step_id=0, sample_rows=[SampleRow(i, i) for i in range(batch)])
+    fill, apply, accept = [], [], []
+    for _ in range(reps):
+        mgr = llm.engine.structured
+        matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch)]
+        mgr._matchers = {i: (None, m) for i, m in enumerate(matchers)}
+        logits = torch.randn(batch, vocab)
+        for _ in range(8):  # a few tokens into the array, as in decoding
+            t0 = time.perf_counter()
+            mask = mgr.fill_mask(so)
+            t1 = time.perf_counter()
+            apply_grammar_mask(logits, mask)
+            t2 = time.perf_counter()
+            tokens = logits.argmax(dim=-1).tolist()
+            t3 = time.perf_counter()
+            for m, t in zip(matchers, tokens):
+                m.accept_token(t)
+            t4 = time.perf_counter()
+            fill.append(t1 - t0)
+            apply.append(t2 - t1)
+            accept.append(t4 - t3)
+    llm.engine.structured._matchers = {}
+    us = lambda xs: median(xs) * 1e6  # noqa: E731
+    return {"fill_us": us(fill), "apply_us": us(apply), "accept_us": us(accept),
+            "total_us": us(fill) + us(apply) + us(accept)}
+
+
 def compile_times(llm: LLM) -> dict:
     mgr = llm.engine.structured
     mgr.prepare(StructuredOutputsParams(regex="warm-up")).result()  # imports xgrammar, builds the tokenizer info
@@ -88,17 +128,24 @@ def main(argv: list[str] | None = None) -> dict:
             rates["plain"].append(decode_rate(llm, prompts, cfg.output_len, False))
             rates["json"].append(decode_rate(llm, prompts, cfg.output_len, True))
         m[f"batch{batch}"] = rates
+        m[f"batch{batch}"]["mask"] = mask_cost(llm, batch, cfg.rounds * 5)
+        step_s = batch / median(rates["plain"])  # one plain decode step
+        m[f"batch{batch}"]["mask_over_step_pct"] = 100 * m[f"batch{batch}"]["mask"]["total_us"] * 1e-6 / step_s
     llm.shutdown()
     summary = {f"batch{b}_overhead_pct": 100 * (1 - median(m[f"batch{b}"]["json"]) / median(m[f"batch{b}"]["plain"]))
                for b in cfg.batches}
     summary |= {f"batch{b}_plain_tok_per_s": median(m[f"batch{b}"]["plain"]) for b in cfg.batches}
+    summary |= {f"batch{b}_mask_us_per_step": m[f"batch{b}"]["mask"]["total_us"] for b in cfg.batches}
+    summary |= {f"batch{b}_mask_over_plain_step_pct": m[f"batch{b}"]["mask_over_step_pct"] for b in cfg.batches}
     summary |= {"compile_p50_ms": m["compile"]["first"]["p50_ms"], "compile_p99_ms": m["compile"]["first"]["p99_ms"],
                 "cache_hit_p50_ms": m["compile"]["repeat"]["p50_ms"]}
     path = write_result("structured-quick" if args.quick else "structured", asdict(cfg), m, summary,
                         Path(args.out_dir) if args.out_dir else None,
                         command_line("radixserve.benchmarks.bench_structured", argv))
     bar_plot(path.with_suffix(".png"), f"JSON-constrained decode overhead ({cfg.model})",
-             [(f"batch {b} overhead %", summary[f"batch{b}_overhead_pct"], None) for b in cfg.batches], "%")
+             [(f"batch {b} overhead %", summary[f"batch{b}_overhead_pct"], None) for b in cfg.batches]
+             + [(f"batch {b} mask cost / step %", summary[f"batch{b}_mask_over_plain_step_pct"], None)
+                for b in cfg.batches], "%")
     print_summary(path, summary)
     return summary
 
