@@ -562,15 +562,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 async def create_response(body: ResponsesRequest, request: Request,
                           tenant: str | None = Depends(tenant_of)) -> Response:
     """The Responses API, run as the chat completion it translates to (responses.py)."""
+    rid, created = _new_request_id(request, "resp"), int(time.time())
     chat = to_chat_request(body)
     model, namespace, lora = await _prepare(request, chat, tenant)
     backend, config = _backend(request), _config(request)
-    created = int(time.time())
-    job, plan = _chat_job(request, chat, f"resp-{uuid.uuid4().hex}", namespace, lora)
-    builder = ResponseBuilder(body, model, created, plan)
+    job, plan = await _chat_job(request, chat, rid, namespace, lora)
+    builder = ResponseBuilder(rid, body, model, created, plan)
     if body.stream:
         opened = await until_disconnect(request, open_streams(backend, [job]), config.disconnect_poll_s)
-        return SSEResponse(sse_events(opened, lambda _, out: builder.events(out), lambda _: []),
+        return SSEResponse(sse_events(opened, lambda _, out: builder.events(out), lambda _: [], rid),
                            headers=_headers(request, builder.id, [opened[0].stream.replica_id]))
 
     async def work() -> tuple[RequestOutput, str]:

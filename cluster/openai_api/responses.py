@@ -155,8 +155,8 @@ def _split(text: str, plan: ToolPlan | None) -> tuple[str | None, list[ParsedCal
 class ResponseBuilder:
     """The Response object of one request, in progress or final, and its stream events."""
 
-    def __init__(self, body: ResponsesRequest, model: str, created: int, plan: ToolPlan | None):
-        self.id = f"resp_{uuid.uuid4().hex}"
+    def __init__(self, rid: str, body: ResponsesRequest, model: str, created: int, plan: ToolPlan | None):
+        self.id = rid
         self.msg_id = f"msg_{uuid.uuid4().hex}"
         self.body, self.model, self.created, self.plan = body, model, created, plan
         self.seq = 0
