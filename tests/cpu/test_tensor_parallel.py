@@ -12,7 +12,8 @@ import zmq
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.core.scheduler_output import SchedulerOutput
 from radixserve.engine.executor import wire
-from radixserve.engine.executor.protocol import ENGINE_TO_WORKER
+from radixserve.engine.executor.auth import FrameAuth
+from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, Failure
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
 LOGPROB_ATOL = 2e-4
@@ -97,17 +98,64 @@ def test_malformed_and_wrong_version_messages_are_rejected():
 
 
 def test_worker_rejects_garbage_and_keeps_serving(tp2):
-    """A rogue peer on the queue port: the worker answers with a failure, runs nothing."""
+    """A signed but malformed message (an engine bug): the worker answers with a failure and
+    runs nothing. An unsigned one (anyone else): dropped unread, no answer at all."""
     executor = tp2.engine.executor
-    executor.sock.send_multipart([b"rank-1", b"\x93not-a-valid-message"])
+    peer = executor.peers[1]
+    executor.sock.send_multipart([peer, b"\x93unsigned"])
+    executor.sock.send_multipart([peer, *FrameAuth.generate().sign(executor.epoch, wire.encode("ping", None))])
+    assert not executor.sock.poll(500)
+    executor.sock.send_multipart([peer, *executor.auth.sign(executor.epoch, b"\x93not-a-valid-message")])
     deadline = time.monotonic() + 10
     reply = None
     while time.monotonic() < deadline and reply is None:
         if executor.sock.poll(100):
-            _, raw = executor.sock.recv_multipart()
-            reply = wire.decode(raw, {"failure": None})
+            _, *parts = executor.sock.recv_multipart()
+            reply = wire.decode(executor.auth.open(parts, executor.epoch, "test"), {"failure": None})
     assert reply is not None and "rejected message" in reply[1]["message"]
     assert run(tp2, ["still fine"])[0].outputs[0].finish_reason == "length"
+
+
+def test_intruder_on_the_queue_port_cannot_fail_a_request(tp2):
+    """Issue 19, item 8: one unsigned ``failure`` frame from a local DEALER used to fail the
+    request in flight and take the group down. Now every foreign frame is dropped."""
+    engine, executor = tp2.engine, tp2.engine.executor
+    pids, dropped = _pids(tp2), executor.auth.dropped
+    ctx = zmq.Context()
+    socks = []
+    for ident in (b"intruder", b"rank-1", b"rank-0"):  # also squatting on the ranks' old fixed names
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, ident)
+        s.connect(executor.address)
+        socks.append(s)
+    failure = wire.encode("failure", Failure(1, "intruder says rank 1 failed"))
+    try:
+        engine.add_request("victim", "a request an intruder tries to fail", SamplingParams(max_tokens=40, ignore_eos=True))
+        engine.step()
+        for s in socks:
+            s.send(failure)  # main's frame format
+            s.send_multipart([b"\0" * 32, executor.epoch.to_bytes(8, "big"), failure])  # a forged tag
+            s.send_multipart(FrameAuth.generate().sign(executor.epoch, failure))  # a guessed key
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+    victim = next(o for o in outs if o.request_id == "victim" and o.finished)
+    assert victim.error is None and victim.outputs[0].finish_reason == "length"
+    assert engine.is_healthy() and _pids(tp2) == pids  # no restart either
+    assert executor.auth.dropped - dropped == 9
+
+
+def test_worker_start_arguments_stay_off_the_command_line_and_environment(tp2):
+    key = tp2.engine.executor.auth.key.hex()
+    for pid in _pids(tp2):
+        for what in ("cmdline", "environ"):
+            with open(f"/proc/{pid}/{what}", "rb") as f:
+                assert key.encode() not in f.read(), f"the queue key is in /proc/{pid}/{what}"
 
 
 def _pids(llm: LLM) -> list[int]:
