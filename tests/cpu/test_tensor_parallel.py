@@ -14,6 +14,7 @@ from radixserve.engine.core.scheduler_output import SchedulerOutput
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.auth import FrameAuth
 from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, Failure
+from tests.cpu.helpers import listening_addresses
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
 LOGPROB_ATOL = 2e-4
@@ -156,6 +157,13 @@ def test_worker_start_arguments_stay_off_the_command_line_and_environment(tp2):
         for what in ("cmdline", "environ"):
             with open(f"/proc/{pid}/{what}", "rb") as f:
                 assert key.encode() not in f.read(), f"the queue key is in /proc/{pid}/{what}"
+
+
+def test_workers_listen_on_loopback_only(tp2):
+    """Issue 19, item 11: rank 0's torch TCPStore listened on every interface."""
+    addresses = {a for pid in _pids(tp2) for a in listening_addresses(pid)}
+    assert addresses, "the ranks listen on nothing? (the store and gloo pairs should show)"
+    assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
 
 
 def _pids(llm: LLM) -> list[int]:
