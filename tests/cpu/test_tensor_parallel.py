@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import msgpack
@@ -10,10 +11,10 @@ import pytest
 import zmq
 
 from radixserve.engine import LLM, SamplingParams
-from radixserve.engine.core.scheduler_output import SchedulerOutput
+from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.auth import FrameAuth
-from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, Failure
+from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, Failure, StepReply
 from tests.cpu.helpers import listening_addresses
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
@@ -164,6 +165,30 @@ def test_workers_listen_on_loopback_only(tp2):
     addresses = {a for pid in _pids(tp2) for a in listening_addresses(pid)}
     assert addresses, "the ranks listen on nothing? (the store and gloo pairs should show)"
     assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+
+
+def test_restart_drops_what_the_old_group_left_in_flight(tp2):
+    """Issue 19, item 9: a step reply of the old group that arrived during the restart aborted
+    it ("rank 1 answered 'step', expected 'loaded'") and left the engine dead. Now it carries
+    the old epoch and is dropped."""
+    engine, executor = tp2.engine, tp2.engine.executor
+    old_epoch, stale = executor.epoch, executor.auth.stale
+    ctx = zmq.Context()
+    ghost = ctx.socket(zmq.DEALER)  # a surviving rank of the old group, still answering its last step
+    ghost.setsockopt(zmq.LINGER, 0)
+    ghost.connect(executor.address)
+    reply = wire.encode("step", StepReply(1, StepResult(step_id=7), 0.0))
+    late = threading.Timer(0.3, lambda: ghost.send_multipart(executor.auth.sign(old_epoch, reply)))
+    late.start()  # lands while the new ranks load
+    try:
+        engine._recover("test: the old group failed")
+    finally:
+        late.join()
+        ghost.close(0)
+        ctx.term()
+    assert engine.dead is None and engine.is_healthy()
+    assert executor.epoch == old_epoch + 1 and executor.auth.stale == stale + 1
+    assert run(tp2, ["after the restart"])[0].outputs[0].finish_reason == "length"
 
 
 def _pids(llm: LLM) -> list[int]:
