@@ -14,6 +14,7 @@ from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.auth import FrameAuth
+from radixserve.engine.executor.launcher import WorkerLauncher
 from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, Failure, StepReply
 from tests.cpu.helpers import listening_addresses
 
@@ -189,6 +190,35 @@ def test_restart_drops_what_the_old_group_left_in_flight(tp2):
     assert engine.dead is None and engine.is_healthy()
     assert executor.epoch == old_epoch + 1 and executor.auth.stale == stale + 1
     assert run(tp2, ["after the restart"])[0].outputs[0].finish_reason == "length"
+
+
+class _KillsItsFirstWorker(WorkerLauncher):
+    """Starts workers through ``inner`` and SIGKILLs the first right away: a rank lost while
+    the group loads (a real launcher, a real kill)."""
+
+    def __init__(self, inner: WorkerLauncher):
+        self.inner, self.killed = inner, False
+
+    def start(self, args):
+        handle = self.inner.start(args)
+        if not self.killed:
+            self.killed = True
+            handle.kill()
+        return handle
+
+
+def test_a_rank_lost_while_the_group_restarts_is_retried(tp2):
+    """A kill during the restart itself used to leave the engine dead for good."""
+    engine, executor = tp2.engine, tp2.engine.executor
+    inner, epoch = executor.launcher, executor.epoch
+    executor.launcher = _KillsItsFirstWorker(inner)
+    try:
+        engine._recover("test: the old group failed")
+    finally:
+        executor.launcher = inner
+    assert engine.dead is None and engine.is_healthy()
+    assert executor.epoch == epoch + 2  # the first new group failed, the second came up
+    assert run(tp2, ["after the retried restart"])[0].outputs[0].finish_reason == "length"
 
 
 def _pids(llm: LLM) -> list[int]:
