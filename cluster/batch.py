@@ -24,11 +24,14 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radixserve.cluster.ray_reaper import start_reaper
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.executor import wire
 from radixserve.engine.sampling_params import SamplingParams
@@ -165,22 +168,27 @@ def output_path(given: str) -> Path:
     return path.resolve()
 
 
-def connect_ray(address: str | None, num_cpus: int) -> None:
+def connect_ray(address: str | None, num_cpus: int) -> subprocess.Popen | None:
     """Join the cluster this job belongs to, else start a fresh local Ray of our own.
 
     ``ray job submit`` sets RAY_ADDRESS for its entrypoint; ``--ray-address`` names a
     cluster by hand. With neither, ``address="local"`` always starts a new local Ray, even
     when another one runs on this machine (a plain ``ray.init()`` would join that one
-    and then refuse ``num_cpus``).
+    and then refuse ``num_cpus``), in a temp dir of its own, watched by a reaper
+    (cluster/ray_reaper.py) so that every process it starts dies with this job, even
+    when the job is SIGKILLed. Returns the reaper; keep it while Ray runs.
     """
     import ray
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        return None
+    temp_dir = tempfile.mkdtemp(prefix="rs-batch-", dir="/tmp")  # short: Ray's socket paths are limited
+    reaper = start_reaper(temp_dir)  # first, so it sees every process Ray starts
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir)
+    return reaper
 
 
 def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
@@ -198,7 +206,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> dict:
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     rows = load_rows(in_path, tokenizer, defaults, done)
     shards = shard_by_prefix(rows, args.num_engines, engine.cache.block_size)
-    connect_ray(args.ray_address, max(2, args.num_engines))
+    reaper = connect_ray(args.ray_address, max(2, args.num_engines))  # noqa: F841 -- held while Ray runs
     Engine = make_engine_actor()
     actors = [Engine.options(num_cpus=args.cpus_per_engine).remote(engine_kwargs) for _ in shards]
     streams = [a.run.options(num_returns="streaming").remote(

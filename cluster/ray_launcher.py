@@ -7,6 +7,7 @@ engine-worker queue stays on 127.0.0.1. Each actor runs the same
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import ray
@@ -54,7 +55,7 @@ class RayWorkerLauncher(WorkerLauncher):
 
     def start(self, args: WorkerArgs) -> WorkerHandle:
         rank = args.spec.rank
-        args = WorkerArgs(args.spec, args.engine_address, args.num_threads, die_with_parent=False)
+        args = dataclasses.replace(args, die_with_parent=False)  # the key travels as the call's argument
         opts = {"num_cpus": self.cpus, "num_gpus": 1 if self.use_gpu else 0}
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(

@@ -5,7 +5,10 @@ configured); every rank runs a ``CacheTransferServer`` thread that connects a
 DEALER, executes tasks (swap-in, swap-out) on its own pools -- on CUDA on a
 side stream, so copies overlap the model's forward -- and acknowledges each
 task. ``CacheTransferClient`` reports a task done only when every rank acked
-it; a rank that fails a task fails it for all. Messages are msgpack via
+it; a rank that fails a task fails it for all. Frames are signed and
+epoch-stamped as on the engine-worker queue (engine/executor/auth.py, same key
+and epoch): foreign or stale frames are dropped unread, and a rank's thread is
+addressed by the routing id its signed hello came from. Messages are msgpack via
 engine/executor/wire.py (types in engine/executor/protocol.py), validated, never pickled. The bytes move with the
 staged Triton swap kernels of kernels/block_copy.py on CUDA and with their
 torch reference on CPU (``swap_fn``).
@@ -23,6 +26,7 @@ import zmq
 
 from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
 from radixserve.engine.executor import wire
+from radixserve.engine.executor.auth import FrameAuth
 from radixserve.engine.executor.net import bind_router, close_on_collect
 from radixserve.engine.executor.protocol import (
     TO_CLIENT,
@@ -36,6 +40,7 @@ from radixserve.kernels import block_copy
 from radixserve.kernels._triton import HAS_TRITON
 
 log = logging.getLogger(__name__)
+_MAX_DRAIN = 10_000  # frames one poll() takes without waiting
 
 # swap(src_pool, dst_pool, src_block_ids, dst_block_ids): dst_pool[:, :, dst[i]] = src_pool[:, :, src[i]]
 SwapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -53,52 +58,65 @@ def swap_fn(device: torch.device) -> SwapFn:
 class CacheTransferClient:
     """Engine side: send tasks to every rank, collect complete acknowledgements."""
 
-    def __init__(self, host: str, port: int, num_ranks: int):
+    def __init__(self, host: str, port: int, num_ranks: int, auth: FrameAuth, epoch: int):
         self.ctx = zmq.Context()
         self.sock, self.port = bind_router(self.ctx, host, port)
         close_on_collect(self, self.sock, self.ctx)
         self.address = f"tcp://{host}:{self.port}"
         self.num_ranks = num_ranks
-        self._acks: dict[int, list[TransferAck]] = defaultdict(list)
-        self._connected: set[int] = set()
+        self.auth, self.epoch = auth, epoch
+        self._acks: dict[int, dict[int, TransferAck]] = defaultdict(dict)  # task -> rank -> ack
+        self._peers: dict[int, bytes] = {}  # rank -> routing id of its signed hello
+        self._sent: set[int] = set()  # tasks sent and not yet done
 
     def wait_connected(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while len(self._connected) < self.num_ranks:
+        while len(self._peers) < self.num_ranks:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"cache transfer threads of ranks "
-                                   f"{sorted(set(range(self.num_ranks)) - self._connected)} did not connect")
+                                   f"{sorted(set(range(self.num_ranks)) - set(self._peers))} did not connect")
             self._recv(100)
 
-    def reset(self) -> None:
-        """Workers restarted: forget acks and connections of the old group."""
+    def reset(self, epoch: int) -> None:
+        """Workers restarted as generation ``epoch``: forget the old group's acks and
+        threads; its frames still queued or in flight are dropped as stale."""
+        self.epoch = epoch
         self._acks.clear()
-        self._connected.clear()
-        while self.sock.poll(0):
-            self.sock.recv_multipart()
+        self._peers.clear()
+        self._sent.clear()
 
     def send(self, task: TransferTask) -> None:
-        data = wire.encode("task", task)
+        frame = self.auth.sign(self.epoch, wire.encode("task", task))
+        self._sent.add(task.task_id)
         for rank in range(self.num_ranks):
-            self.sock.send_multipart([f"cache-{rank}".encode(), data])
+            self.sock.send_multipart([self._peers[rank], *frame])
 
     def _recv(self, timeout_ms: int) -> bool:
+        """Take one frame if one comes within ``timeout_ms``; False if none came."""
         if not self.sock.poll(timeout_ms):
             return False
-        _, raw = self.sock.recv_multipart()
-        kind, body = wire.decode(raw, TO_CLIENT)
+        ident, *parts = self.sock.recv_multipart()
+        raw = self.auth.open(parts, self.epoch, "cache queue")
+        if raw is None:
+            return True
+        kind, body = wire.decode(raw, TO_CLIENT)  # signed with our key: a WireError is our bug
         if kind == "hello":
-            self._connected.add(body.rank)
+            if 0 <= body.rank < self.num_ranks:
+                self._peers[body.rank] = ident
+        elif self._peers.get(body.rank) == ident and body.task_id in self._sent:
+            self._acks[body.task_id][body.rank] = body
         else:
-            self._acks[body.task_id].append(body)
+            log.warning("cache queue: dropped an ack of rank %d for task %d it was not sent",
+                        body.rank, body.task_id)
         return True
 
     def poll(self, wait_for: Collection[int] = frozenset(), timeout_s: float = 0.0) -> list[TransferDone]:
         """Tasks now complete. Blocks until every task in ``wait_for`` is, or
         raises TimeoutError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while self._recv(0):
-            pass
+        for _ in range(_MAX_DRAIN):  # bounded: a flood of foreign frames cannot hold the engine here
+            if not self._recv(0):
+                break
         done = self._collect()
         pending = set(wait_for) - {d.task_id for d in done}
         while pending:
@@ -118,12 +136,14 @@ class CacheTransferClient:
 
     def _collect(self) -> list[TransferDone]:
         done = []
-        for task_id, acks in list(self._acks.items()):
+        for task_id, by_rank in list(self._acks.items()):
+            acks = list(by_rank.values())
             failed = [a for a in acks if not a.ok]
             if len(acks) == self.num_ranks or failed:
                 if failed and len(acks) < self.num_ranks:
                     continue  # wait for the others too, so no rank still writes the blocks
                 del self._acks[task_id]
+                self._sent.discard(task_id)
                 done.append(TransferDone(task_id, not failed, "; ".join(a.error for a in failed),
                                          max(a.seconds for a in acks), sum(a.num_bytes for a in acks)))
         return done
@@ -136,9 +156,11 @@ class CacheTransferClient:
 class CacheTransferServer:
     """Worker side: one thread per rank moving blocks between its two pools."""
 
-    def __init__(self, rank: int, address: str, device_pool: torch.Tensor, host_pool: torch.Tensor):
+    def __init__(self, rank: int, address: str, device_pool: torch.Tensor, host_pool: torch.Tensor,
+                 auth: FrameAuth, epoch: int):
         self.rank = rank
         self.address = address
+        self.auth, self.epoch = auth, epoch
         self.device_pool = device_pool  # [layers, 2, blocks, block_size, kv_heads, head_dim]
         self.host_pool = host_pool      # same layout, CPU (pinned on CUDA machines)
         self.block_bytes = device_pool[:, :, 0].numel() * device_pool.element_size()
@@ -198,23 +220,26 @@ class CacheTransferServer:
 
     def _run(self) -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
+        sock = ctx.socket(zmq.DEALER)  # no identity: the engine learns our routing id from the signed hello
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"cache-{self.rank}".encode())
         sock.connect(self.address)
+        send = lambda kind, body: sock.send_multipart(self.auth.sign(self.epoch, wire.encode(kind, body)))  # noqa: E731
         try:
-            sock.send(wire.encode("hello", TransferHello(self.rank)))
+            send("hello", TransferHello(self.rank))
             while not self._stop:
                 if not sock.poll(100):
                     continue
+                raw = self.auth.open(sock.recv_multipart(), self.epoch, f"cache queue, rank {self.rank}")
+                if raw is None:
+                    continue
                 try:
-                    kind, task = wire.decode(sock.recv(), TO_SERVER)
+                    kind, task = wire.decode(raw, TO_SERVER)
                 except wire.WireError as exc:
                     log.error("cache queue: rejected message: %s", exc)
                     continue
                 if kind == "stop":
                     return
-                sock.send(wire.encode("ack", self._execute(task)))
+                send("ack", self._execute(task))
                 if task.kind == SWAP_OUT:  # only swap-outs are waited for by the step
                     with self._cond:
                         self._done.add(task.task_id)

@@ -28,6 +28,7 @@ from radixserve.engine.structured.manager import StructuredOutputManager
 from radixserve.engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+_RESTART_ATTEMPTS = 3  # fresh worker groups tried after a failure before the engine gives up
 
 
 class LLMEngine:
@@ -84,7 +85,8 @@ class LLMEngine:
             raise ValueError(f"preemption_mode='swap' needs a CPU tier, but swap_space = {cache.swap_space} GiB "
                              f"holds no {self.executor.block_bytes}-byte block")
         if num_cpu:
-            self.transfers = CacheTransferClient(par.worker_host, par.cache_queue_port, par.tensor_parallel_size)
+            self.transfers = CacheTransferClient(par.worker_host, par.cache_queue_port, par.tensor_parallel_size,
+                                                 self.executor.auth, self.executor.epoch)
         address = self.transfers.address if self.transfers else ""
         self.executor.init_cache(self.executor.num_blocks, num_cpu, address)
         if self.transfers:
@@ -307,16 +309,22 @@ class LLMEngine:
         self.kv.clear_all()
         if self.lora is not None:  # new workers start with empty adapter slots
             self.lora.reset_slots()
-        try:
-            if self.transfers is not None:
-                self.transfers.reset()
-            self.executor.restart()
-            if self.transfers is not None:
-                self.transfers.wait_connected(self.config.parallel.worker_timeout_s)
-        except Exception as exc:
-            self.dead = f"workers failed ({error}) and could not be restarted: {exc}"
-            log.error(self.dead)
+        for attempt in range(1, _RESTART_ATTEMPTS + 1):
+            try:
+                self._restart_workers()
+                break
+            except Exception as exc:  # e.g. a rank killed again while loading: try a fresh group
+                log.error("restarting the workers failed (attempt %d of %d): %s", attempt, _RESTART_ATTEMPTS, exc)
+                if attempt == _RESTART_ATTEMPTS:
+                    self.dead = f"workers failed ({error}) and could not be restarted: {exc}"
+                    log.error(self.dead)
         return outs
+
+    def _restart_workers(self) -> None:
+        self.executor.restart()  # a new epoch: frames of the old group are dropped from here on
+        if self.transfers is not None:
+            self.transfers.reset(self.executor.epoch)
+            self.transfers.wait_connected(self.config.parallel.worker_timeout_s)
 
     def is_healthy(self) -> bool:
         return self.dead is None and self.executor.is_healthy()

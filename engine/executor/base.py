@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
+from radixserve.engine.executor.auth import FrameAuth
 from radixserve.engine.executor.protocol import WorkerSpec
 from radixserve.engine.worker.worker import Worker
 
@@ -19,6 +20,8 @@ class Executor(ABC):
 
     num_blocks: int
     block_bytes: int
+    auth: FrameAuth  # signs both queues' frames; the cache queue's client uses it too
+    epoch: int       # the workers' generation, bumped by every restart
 
     @abstractmethod
     def init_cache(self, num_blocks: int, num_cpu_blocks: int, cache_address: str) -> None: ...
@@ -41,7 +44,8 @@ class UniprocExecutor(Executor):
     """A single rank living in the engine's own process: no queue, no copies."""
 
     def __init__(self, spec: WorkerSpec):
-        self.worker = Worker(spec)
+        self.auth, self.epoch = FrameAuth.generate(), 1
+        self.worker = Worker(spec, self.auth, self.epoch)
         self.num_blocks = self.worker.num_blocks_fitting()
         self.block_bytes = self.worker.block_bytes
 

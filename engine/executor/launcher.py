@@ -6,6 +6,7 @@ worker code is the same either way (engine/worker/main.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -62,10 +63,17 @@ class ProcessHandle(WorkerHandle):
 
 
 class ProcessLauncher(WorkerLauncher):
-    """``python -m radixserve.engine.worker.main '<json args>'``: plain JSON in, never pickle."""
+    """``python -m radixserve.engine.worker.main`` with its arguments as plain JSON on stdin
+    (never pickle; never argv or the environment, which other local users can read: the
+    arguments carry the queues' key)."""
 
     def start(self, args: WorkerArgs) -> WorkerHandle:
-        payload = json.dumps(wire.to_plain(args))
-        proc = subprocess.Popen([sys.executable, "-m", "radixserve.engine.worker.main", payload],
-                                stdin=subprocess.DEVNULL)
+        payload = json.dumps(wire.to_plain(dataclasses.replace(args, parent_pid=os.getpid()))).encode()
+        proc = subprocess.Popen([sys.executable, "-m", "radixserve.engine.worker.main"], stdin=subprocess.PIPE)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except BrokenPipeError:  # it died at once; the executor sees it dead and says so
+            pass
         return ProcessHandle(proc, args.spec.rank)

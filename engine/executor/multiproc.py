@@ -1,11 +1,14 @@
 """Tensor parallelism over N worker processes, driven through the engine-worker queue.
 
 The engine binds one ZMQ ROUTER socket on ``engine_worker_queue_port`` (host
-127.0.0.1 unless configured); each rank connects a DEALER with identity
-``rank-N``. Every step is one msgpack message to each rank and one reply from
-each; rank 0's reply carries the sampled tokens. A rank that dies, fails or
-does not answer within ``worker_timeout_s`` fails the step with
-WorkerFailure; the engine then restarts the whole group.
+127.0.0.1 unless configured); each rank connects a DEALER. Every frame is
+signed with this engine's key and stamped with the group's epoch
+(engine/executor/auth.py): anything else on the port is dropped unread, and a
+rank is addressed by the routing id its signed hello came from. Every step is
+one msgpack message to each rank and one reply from each; rank 0's reply
+carries the sampled tokens. A rank that dies, fails or does not answer within
+``worker_timeout_s`` fails the step with WorkerFailure; the engine then
+restarts the whole group under the next epoch.
 """
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
+from radixserve.engine.executor.auth import FrameAuth
 from radixserve.engine.executor.base import Executor, WorkerFailure
 from radixserve.engine.executor.launcher import ProcessLauncher, WorkerHandle, WorkerLauncher
 from radixserve.engine.executor.net import bind_router, close_on_collect, free_tcp_port
@@ -43,6 +48,9 @@ class MultiprocExecutor(Executor):
         close_on_collect(self, self.sock, self.ctx)
         self.address = f"tcp://{host}:{self.port}"
         self.handles: list[WorkerHandle] = []
+        self.auth = FrameAuth.generate()  # per launch; reaches workers only in their start arguments
+        self.epoch = 0
+        self.peers: dict[int, bytes] = {}  # rank -> ZMQ routing id of its signed hello
         self.healthy = False
         self.last_queue_overhead_s = 0.0
         self._cache_args: tuple[int, int, str] = (0, 0, "")
@@ -56,7 +64,11 @@ class MultiprocExecutor(Executor):
         host = self.config.parallel.worker_host
         init = f"tcp://{host}:{free_tcp_port(host)}"
         threads = max(1, (os.cpu_count() or 1) // self.tp)  # no oversubscription across ranks
-        self.handles = [self.launcher.start(WorkerArgs(self.spec_fn(rank, init), self.address, threads))
+        self.epoch += 1
+        self.peers = {}
+        key = self.auth.key.hex()
+        self.handles = [self.launcher.start(WorkerArgs(self.spec_fn(rank, init), self.address, key, self.epoch,
+                                                       threads))
                         for rank in range(self.tp)]
         try:
             loaded = self._gather("loaded", _LOAD_TIMEOUT_S)
@@ -83,7 +95,8 @@ class MultiprocExecutor(Executor):
         self.healthy = True
 
     def restart(self) -> None:
-        """Replace every worker (after a failure); the KV pools start empty."""
+        """Replace every worker (after a failure) under a new epoch; the KV pools start
+        empty. Whatever the old group still had in flight is dropped as stale."""
         self._kill_all()
         self._drain()
         self._start_group()
@@ -101,24 +114,43 @@ class MultiprocExecutor(Executor):
     # -- messaging -------------------------------------------------------------------------
 
     def _broadcast(self, kind: str, body) -> None:
-        data = wire.encode(kind, body)
+        frame = self.auth.sign(self.epoch, wire.encode(kind, body))
         for rank in range(self.tp):
+            peer = self.peers.get(rank)
+            if peer is None:
+                raise WorkerFailure(f"rank {rank} never said hello")
             try:
-                self.sock.send_multipart([f"rank-{rank}".encode(), data])
+                self.sock.send_multipart([peer, *frame])
             except zmq.ZMQError as exc:
                 raise WorkerFailure(f"rank {rank} is not connected: {exc}") from exc
 
+    def _recv(self) -> tuple[bytes, str, Any] | None:
+        """One frame of this epoch from an authenticated rank: (routing id, kind, body);
+        None for a frame dropped (unsigned, foreign or stale)."""
+        ident, *parts = self.sock.recv_multipart()
+        raw = self.auth.open(parts, self.epoch, "engine-worker queue")
+        if raw is None:
+            return None
+        try:
+            kind, body = wire.decode(raw, WORKER_TO_ENGINE)
+        except wire.WireError as exc:  # signed with our key: one of our workers is broken
+            raise WorkerFailure(f"a rank sent an invalid message: {exc}") from exc
+        if not 0 <= body.rank < self.tp:
+            raise WorkerFailure(f"a worker claims rank {body.rank} of {self.tp}")
+        if kind == "hello":
+            self.peers[body.rank] = ident
+        elif self.peers.get(body.rank) != ident:
+            raise WorkerFailure(f"rank {body.rank} answered before its hello, or from another socket")
+        return ident, kind, body
+
     def _gather(self, kind: str, timeout_s: float) -> dict:
         """One ``kind`` reply per rank, or WorkerFailure (death, failure, timeout)."""
-        replies: dict[int, object] = {}
+        replies: dict[int, Any] = {}
         deadline = time.monotonic() + timeout_s
         while len(replies) < self.tp:
-            if self.sock.poll(_POLL_MS):
-                ident, raw = self.sock.recv_multipart()
-                try:
-                    got, body = wire.decode(raw, WORKER_TO_ENGINE)
-                except wire.WireError as exc:
-                    raise WorkerFailure(f"{ident!r} sent an invalid message: {exc}") from exc
+            msg = self._recv() if self.sock.poll(_POLL_MS) else None
+            if msg is not None:
+                _, got, body = msg
                 if got == "failure":
                     raise WorkerFailure(f"rank {body.rank} failed: {body.message}")
                 if got == "hello":
@@ -127,6 +159,7 @@ class MultiprocExecutor(Executor):
                     raise WorkerFailure(f"rank {body.rank} answered {got!r}, expected {kind!r}")
                 replies[body.rank] = body
                 continue
+            # Nothing, or a dropped frame: a flood of foreign frames must not hide a death or a hang.
             dead = [h.describe() for h in self.handles if not h.is_alive()]
             if dead:
                 raise WorkerFailure(f"worker died: {', '.join(dead)}")

@@ -10,6 +10,11 @@
   ``hello``, then runs each ``task`` (swap-in / swap-out) and sends an
   ``ack``; the engine folds a task's acks from all ranks into a TransferDone.
 
+Every frame is signed with the engine's per-launch key and stamped with the
+group's epoch (engine/executor/auth.py); frames that fail either check are
+dropped unread. Peers are addressed by the ZMQ routing id their signed
+``hello`` came from, never by a name a peer picks for itself.
+
 Each side decodes with the table of what the other may send (kind -> body
 dataclass, None for no body), through the typed codec in wire.py. Every
 message carries ``wire.WIRE_VERSION``: engine and workers must run the same
@@ -40,12 +45,16 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class WorkerArgs:
-    """A worker's start arguments (JSON on its command line, or a Ray actor's argument)."""
+    """A worker's start arguments: JSON on a local process's stdin (never its command
+    line, which ``ps`` shows to everyone), or a Ray actor's call argument."""
 
     spec: WorkerSpec
     engine_address: str   # tcp://127.0.0.1:8002
+    auth_key: str         # hex; signs every frame of both queues (engine/executor/auth.py)
+    epoch: int            # the group's generation: frames of any other one are dropped
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     die_with_parent: bool = True  # local processes: never outlive the engine
+    parent_pid: int = 0   # the engine's pid; a worker whose parent is already gone exits
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from radixserve.cluster.batch import Row, shard_by_prefix
+from radixserve.cluster.ray_reaper import descendants, start_time
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.model.default_models import resolve_model
 
@@ -37,20 +41,45 @@ def complete_rows(out) -> list[dict]:
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
-def kill_after_rows(cmd, out, n: int, timeout_s: float = 300.0) -> None:
-    """Run the batch job and SIGKILL it (that PID only) once ``n`` rows are written."""
+def kill_after_rows(cmd, out, n: int, timeout_s: float = 300.0) -> dict[int, str]:
+    """Run the batch job and SIGKILL it (that PID only) once ``n`` rows are written;
+    returns the processes it had started (pid -> start time), its reaper aside."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout_s
+    started: dict[int, str] = {}
     try:
         while len(complete_rows(out)) < n:
             assert proc.poll() is None, f"batch job ended early: {proc.stderr.read().decode()[-2000:]}"
             assert time.monotonic() < deadline, "batch job wrote too few rows in time"
             time.sleep(0.02)
         assert proc.poll() is None, "batch job finished before it could be interrupted"
+        started = {pid: start for pid in descendants(proc.pid) if (start := start_time(pid))
+                   and b"ray_reaper" not in cmdline(pid)}
     finally:
         proc.kill()
         proc.wait(timeout=60)
         proc.stderr.close()
+    return started
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def assert_all_gone(started: dict[int, str], bound_s: float = 20.0) -> None:
+    """Issue 19, item 11: Ray's DashboardAgent and RuntimeEnvAgent outlived a SIGKILLed job."""
+    deadline = time.monotonic() + bound_s
+    alive = started
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = {p: s for p, s in alive.items() if start_time(p) == s}
+    names = {p: cmdline(p).rstrip(b"\0")[:60] for p in alive}
+    for pid in alive:  # ours: a test stops what it started, by pid
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"processes of the killed job still run after {bound_s:.0f}s: {names}"
 
 
 def test_interrupted_job_resumes_without_loss_or_duplicates(tmp_path):
@@ -58,7 +87,9 @@ def test_interrupted_job_resumes_without_loss_or_duplicates(tmp_path):
     model_dir = resolve_model("tiny-llama", cache)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     rows = write_input(inp)
-    kill_after_rows(batch_cmd(inp, out, cache), out, 6)  # the quick rows are in; the slow ones are not
+    started = kill_after_rows(batch_cmd(inp, out, cache), out, 6)  # the quick rows are in; the slow ones are not
+    assert any(b"DashboardAgent" in cmdline(p) for p in started)  # what used to stay
+    assert_all_gone(started)
     first = {r["id"] for r in complete_rows(out)}
     assert first == {f"row-{i}" for i in range(6)}
     with out.open("a") as f:

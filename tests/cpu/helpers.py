@@ -149,3 +149,31 @@ def write_adapter(path: Path, arch, seed: int, r: int = 8, alpha: float = 16, mo
            "bias": "none", "use_dora": False, "modules_to_save": None, **config}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     return path
+
+
+# ----------------------------------------------------------------------------- processes
+
+def listening_addresses(pid: int) -> set[str]:
+    """"ip:port" of every TCP socket process ``pid`` listens on (read from /proc, Linux)."""
+    import ipaddress
+    import os
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                    continue
+                hexip, hexport = cols[1].split(":")
+                raw = bytes.fromhex(hexip)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per-word little-endian
+                found.add(f"{ipaddress.ip_address(raw)}:{int(hexport, 16)}")
+    return found

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import msgpack
@@ -10,9 +11,12 @@ import pytest
 import zmq
 
 from radixserve.engine import LLM, SamplingParams
-from radixserve.engine.core.scheduler_output import SchedulerOutput
+from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.executor import wire
-from radixserve.engine.executor.protocol import ENGINE_TO_WORKER
+from radixserve.engine.executor.auth import FrameAuth
+from radixserve.engine.executor.launcher import WorkerLauncher
+from radixserve.engine.executor.protocol import ENGINE_TO_WORKER, Failure, StepReply
+from tests.cpu.helpers import listening_addresses
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
 LOGPROB_ATOL = 2e-4
@@ -97,17 +101,124 @@ def test_malformed_and_wrong_version_messages_are_rejected():
 
 
 def test_worker_rejects_garbage_and_keeps_serving(tp2):
-    """A rogue peer on the queue port: the worker answers with a failure, runs nothing."""
+    """A signed but malformed message (an engine bug): the worker answers with a failure and
+    runs nothing. An unsigned one (anyone else): dropped unread, no answer at all."""
     executor = tp2.engine.executor
-    executor.sock.send_multipart([b"rank-1", b"\x93not-a-valid-message"])
+    peer = executor.peers[1]
+    executor.sock.send_multipart([peer, b"\x93unsigned"])
+    executor.sock.send_multipart([peer, *FrameAuth.generate().sign(executor.epoch, wire.encode("ping", None))])
+    assert not executor.sock.poll(500)
+    executor.sock.send_multipart([peer, *executor.auth.sign(executor.epoch, b"\x93not-a-valid-message")])
     deadline = time.monotonic() + 10
     reply = None
     while time.monotonic() < deadline and reply is None:
         if executor.sock.poll(100):
-            _, raw = executor.sock.recv_multipart()
-            reply = wire.decode(raw, {"failure": None})
+            _, *parts = executor.sock.recv_multipart()
+            reply = wire.decode(executor.auth.open(parts, executor.epoch, "test"), {"failure": None})
     assert reply is not None and "rejected message" in reply[1]["message"]
     assert run(tp2, ["still fine"])[0].outputs[0].finish_reason == "length"
+
+
+def test_intruder_on_the_queue_port_cannot_fail_a_request(tp2):
+    """Issue 19, item 8: one unsigned ``failure`` frame from a local DEALER used to fail the
+    request in flight and take the group down. Now every foreign frame is dropped."""
+    engine, executor = tp2.engine, tp2.engine.executor
+    pids, dropped = _pids(tp2), executor.auth.dropped
+    ctx = zmq.Context()
+    socks = []
+    for ident in (b"intruder", b"rank-1", b"rank-0"):  # also squatting on the ranks' old fixed names
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, ident)
+        s.connect(executor.address)
+        socks.append(s)
+    failure = wire.encode("failure", Failure(1, "intruder says rank 1 failed"))
+    try:
+        engine.add_request("victim", "a request an intruder tries to fail", SamplingParams(max_tokens=40, ignore_eos=True))
+        engine.step()
+        for s in socks:
+            s.send(failure)  # main's frame format
+            s.send_multipart([b"\0" * 32, executor.epoch.to_bytes(8, "big"), failure])  # a forged tag
+            s.send_multipart(FrameAuth.generate().sign(executor.epoch, failure))  # a guessed key
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+    victim = next(o for o in outs if o.request_id == "victim" and o.finished)
+    assert victim.error is None and victim.outputs[0].finish_reason == "length"
+    assert engine.is_healthy() and _pids(tp2) == pids  # no restart either
+    assert executor.auth.dropped - dropped == 9
+
+
+def test_worker_start_arguments_stay_off_the_command_line_and_environment(tp2):
+    key = tp2.engine.executor.auth.key.hex()
+    for pid in _pids(tp2):
+        for what in ("cmdline", "environ"):
+            with open(f"/proc/{pid}/{what}", "rb") as f:
+                assert key.encode() not in f.read(), f"the queue key is in /proc/{pid}/{what}"
+
+
+def test_workers_listen_on_loopback_only(tp2):
+    """Issue 19, item 11: rank 0's torch TCPStore listened on every interface."""
+    addresses = {a for pid in _pids(tp2) for a in listening_addresses(pid)}
+    assert addresses, "the ranks listen on nothing? (the store and gloo pairs should show)"
+    assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+
+
+def test_restart_drops_what_the_old_group_left_in_flight(tp2):
+    """Issue 19, item 9: a step reply of the old group that arrived during the restart aborted
+    it ("rank 1 answered 'step', expected 'loaded'") and left the engine dead. Now it carries
+    the old epoch and is dropped."""
+    engine, executor = tp2.engine, tp2.engine.executor
+    old_epoch, stale = executor.epoch, executor.auth.stale
+    ctx = zmq.Context()
+    ghost = ctx.socket(zmq.DEALER)  # a surviving rank of the old group, still answering its last step
+    ghost.setsockopt(zmq.LINGER, 0)
+    ghost.connect(executor.address)
+    reply = wire.encode("step", StepReply(1, StepResult(step_id=7), 0.0))
+    late = threading.Timer(0.3, lambda: ghost.send_multipart(executor.auth.sign(old_epoch, reply)))
+    late.start()  # lands while the new ranks load
+    try:
+        engine._recover("test: the old group failed")
+    finally:
+        late.join()
+        ghost.close(0)
+        ctx.term()
+    assert engine.dead is None and engine.is_healthy()
+    assert executor.epoch == old_epoch + 1 and executor.auth.stale == stale + 1
+    assert run(tp2, ["after the restart"])[0].outputs[0].finish_reason == "length"
+
+
+class _KillsItsFirstWorker(WorkerLauncher):
+    """Starts workers through ``inner`` and SIGKILLs the first right away: a rank lost while
+    the group loads (a real launcher, a real kill)."""
+
+    def __init__(self, inner: WorkerLauncher):
+        self.inner, self.killed = inner, False
+
+    def start(self, args):
+        handle = self.inner.start(args)
+        if not self.killed:
+            self.killed = True
+            handle.kill()
+        return handle
+
+
+def test_a_rank_lost_while_the_group_restarts_is_retried(tp2):
+    """A kill during the restart itself used to leave the engine dead for good."""
+    engine, executor = tp2.engine, tp2.engine.executor
+    inner, epoch = executor.launcher, executor.epoch
+    executor.launcher = _KillsItsFirstWorker(inner)
+    try:
+        engine._recover("test: the old group failed")
+    finally:
+        executor.launcher = inner
+    assert engine.dead is None and engine.is_healthy()
+    assert executor.epoch == epoch + 2  # the first new group failed, the second came up
+    assert run(tp2, ["after the retried restart"])[0].outputs[0].finish_reason == "length"
 
 
 def _pids(llm: LLM) -> list[int]:

@@ -153,12 +153,13 @@ def test_copy_and_swap_blocks_real_shapes():
 def test_cache_transfer_server_uses_the_triton_swap_kernels():
     from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
     from radixserve.engine.cache.transfer import CacheTransferServer, TransferTask
+    from radixserve.engine.executor.auth import FrameAuth
     from radixserve.kernels.block_copy import swap_blocks
 
     shape = (2, 2, 64, 16, 8, 128)  # [layers, K/V, blocks, block_size, kv_heads, head_dim]
     pool = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
     host = torch.zeros((2, 2, 32, 16, 8, 128), dtype=torch.bfloat16).pin_memory()
-    server = CacheTransferServer(0, "tcp://127.0.0.1:1", pool, host)  # no client: _execute is called directly
+    server = CacheTransferServer(0, "tcp://127.0.0.1:1", pool, host, FrameAuth.generate(), 1)  # no client: _execute is called directly
     try:
         assert server.swap is swap_blocks
         gpu, cpu = [9, 3, 40, 17], [0, 31, 5, 6]
