@@ -55,9 +55,13 @@ class ModelConfig:
     generation_config: str = knob("auto", "default sampling for fields a request leaves unset: auto (the "
                                           "model's generation_config.json), vllm (the engine's own defaults), "
                                           "or a directory holding a generation_config.json")
+    cpu_linear: str = knob("packed", "CPU fp32 linear layers: packed (weights re-laid out once for oneDNN: "
+                                     "faster matmuls on 2+ rows, a second copy of the weights in RAM) or dense")
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must be a model name or a directory path")
+        _require(self.cpu_linear in ("packed", "dense"),
+                 f"cpu_linear must be packed or dense, got {self.cpu_linear!r}")
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         _require(dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"dtype must be auto, float32 (float), bfloat16 or float16 (half), got {self.dtype!r}")

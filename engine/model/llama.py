@@ -20,7 +20,7 @@ from radixserve.engine.model.layers import (
     ShardTarget,
     VocabParallelEmbedding,
 )
-from radixserve.engine.worker.attention import AttentionMetadata, TorchAttention, paged_attention
+from radixserve.engine.worker.attention import AttentionMetadata, TorchAttention
 from radixserve.engine.worker.distributed import TPGroup
 
 
@@ -43,15 +43,18 @@ class LlamaAttention(nn.Module):
         self._split = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                        self.num_kv_heads * self.head_dim]
 
-    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata, backend: TorchAttention,
+    def forward(self, rope, hidden, kv_cache, meta: AttentionMetadata, backend: TorchAttention,
                 keep: torch.Tensor | None = None):
+        """rope: this step's (cos, sin) table; hidden [num_tokens, hidden]."""
         n = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self._split, dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)      # [num_tokens, num_heads, head_dim]
-        k = k.view(n, self.num_kv_heads, self.head_dim)   # [num_tokens, num_kv_heads, head_dim]
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = paged_attention(backend, q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        qkv = self.qkv_proj(hidden)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
+        q_size, kv_size, _ = self._split
+        # q and k sit side by side in the fused output: one rotation for both.
+        qk = RotaryEmbedding.apply(rope, qkv[:, :q_size + kv_size].view(n, -1, self.head_dim))
+        q = qk[:, :self.num_heads]   # [num_tokens, num_heads, head_dim]
+        k = qk[:, self.num_heads:]   # [num_tokens, num_kv_heads, head_dim]
+        v = qkv[:, q_size + kv_size:].view(n, self.num_kv_heads, self.head_dim)
+        out = backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         out = out.reshape(n, self.num_heads * self.head_dim)  # [num_tokens, num_heads * head_dim]
         return self.o_proj(out if keep is None else out[keep])
 
@@ -74,7 +77,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, inter/tp] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
     def targets(self, prefix: str) -> dict[str, ShardTarget]:
         t = {f"{prefix}.gate_proj.weight": self.gate_up_proj.targets(0)["weight"],
@@ -91,13 +94,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(cfg, tp, dtype, device)
 
-    def forward(self, positions, hidden, kv_cache, meta, backend, keep: torch.Tensor | None = None):
+    def forward(self, rope, hidden, kv_cache, meta, backend, keep: torch.Tensor | None = None):
         """With ``keep`` (row indices), every row's K/V is cached but only those rows
-        go on through o_proj and the MLP: the output is [len(keep), hidden]."""
+        go on through o_proj and the MLP: the output is [len(keep), hidden].
+
+        ``hidden`` is this layer's own (the embedding's or the previous layer's
+        output), so the residual adds land in it in place."""
         # Same order of operations as transformers, so fp32 results agree closely.
-        attn = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, backend, keep)
-        hidden = (hidden if keep is None else hidden[keep]) + attn
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn = self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta, backend, keep)
+        hidden = (hidden if keep is None else hidden[keep]).add_(attn)
+        return hidden.add_(self.mlp(self.post_attention_layernorm(hidden)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -108,6 +114,7 @@ class LlamaForCausalLM(nn.Module):
         self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype, device)
+        self.rotary = rotary
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp, rotary, dtype, device)
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -122,11 +129,20 @@ class LlamaForCausalLM(nn.Module):
 
         The last layer's o_proj and MLP run only for the kept rows (those that need
         logits): ~10% of a long prefill's FLOPs on an 8-layer model."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        rope = self.rotary.table(positions)  # once per step, not per layer
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, kv_cache[i], meta, backend, keep if i == last else None)
+            hidden = layer(rope, hidden, kv_cache[i], meta, backend, keep if i == last else None)
         return self.norm(hidden)
+
+    def prepack(self) -> None:
+        """CPU fp32: pre-pack every linear layer's weight (see layers.pack_weight)."""
+        for layer in self.layers:
+            for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                        layer.mlp.down_proj):
+                lin.prepack()
+        self.lm_head.prepack()
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from radixserve.engine.core.scheduler_output import (
     StepResult,
 )
 from radixserve.engine.model.hf_config import ArchConfig
+from radixserve.engine.model.layers import can_pack
 from radixserve.engine.model.loader import build_model
 from radixserve.engine.structured.mask import apply_grammar_mask
 from radixserve.engine.worker.attention import AttentionMetadata, select_backend
@@ -70,6 +71,8 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
         self.model = build_model(arch, model_dir, tp, self.dtype, device, max_positions=max_model_len + 1)
+        if config.model.cpu_linear == "packed" and can_pack(self.model.lm_head.weight):
+            self.model.prepack()
         self.backend = select_backend(config.attention_backend, device)
         self.lora = None
         if config.lora.enable_lora:
