@@ -8,6 +8,13 @@ Sections (each a ratio measured back to back on the same machine and weights):
   no_sharing  all prompts distinct: cache on vs off (the cost of the cache at 0% hits)
   batching    mixed lengths without sharing: engine vs transformers generate with static
               batches (the best of several batch sizes, prompts sorted by length)
+  decode      TPOT at batch 1, 8, 32 against the weight-bandwidth floor (weight bytes / this
+              machine's read bandwidth, measured in the same run), and batch-32 tokens/s
+              against transformers generate at its best static batch
+
+Every figure is repeated, interleaved with what it is compared to, and reported as its
+median with min/max; the load average (1 min) is recorded beside each repeat, so a
+figure from a loaded machine shows as such. Where time goes on a hit: profile_hit.py.
 
     python -m radixserve.benchmarks.bench_prefix                  # full size on small-llama
     python -m radixserve.benchmarks.bench_prefix --quick          # seconds, on tiny-llama (smoke test)
@@ -24,7 +31,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from radixserve.benchmarks.common import bar_plot, command_line, median, print_summary, write_result
+from radixserve.benchmarks.common import (
+    bar_plot,
+    command_line,
+    load_average,
+    median,
+    print_summary,
+    spread,
+    write_result,
+)
+from radixserve.benchmarks.profile_hit import linears_alone
 from radixserve.benchmarks.workloads import override
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.model.default_models import resolve_model
@@ -49,6 +65,11 @@ class PrefixBenchConfig:
     batching_prompt_range: tuple[int, int] = (32, 512)
     batching_output_range: tuple[int, int] = (16, 256)
     hf_batch_sizes: tuple[int, ...] = (8, 16)
+    workload_repeats: int = 3
+    decode_batches: tuple[int, ...] = (1, 8, 32)
+    decode_prompt_len: int = 64
+    decode_output_len: int = 64
+    decode_hf_batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_num_seqs: int = 32
     seed: int = 0
 
@@ -57,7 +78,8 @@ QUICK = PrefixBenchConfig(model="tiny-llama", repeats=2, prefill_len=256, hit_pr
                           shared_groups=2, shared_questions=4, shared_prefix_len=128, shared_suffix_len=16,
                           shared_output_len=8, distinct_prompts=6, distinct_prompt_len=64, distinct_output_len=8,
                           batching_requests=8, batching_prompt_range=(8, 64), batching_output_range=(4, 24),
-                          hf_batch_sizes=(4,))
+                          hf_batch_sizes=(4,), workload_repeats=1, decode_batches=(1, 4), decode_prompt_len=16,
+                          decode_output_len=8, decode_hf_batch_sizes=(4,))
 
 
 class Bench:
@@ -101,14 +123,15 @@ class Bench:
         prompt = self.tokens(self.cfg.prefill_len)
         self.ttft(self.off, prompt[:64])  # warm up both sides
         self.hf_forward(prompt[:64])
-        ours, hf = [], []
+        ours, hf, load = [], [], []
         for _ in range(self.cfg.repeats):  # interleaved, so drift hits both alike
             ours.append(self.ttft(self.off, prompt))
             hf.append(self.hf_forward(prompt))
+            load.append(load_average()[:1])
         # min over repeats: on a shared 2-core VM the spread between runs (~25%)
         # is noise from outside; the fastest run is each side's real capability.
-        return {"engine_ttft_s": ours, "hf_forward_s": hf, "ratio_engine_over_hf": min(ours) / min(hf),
-                "ratio_of_medians": median(ours) / median(hf)}
+        return {"engine_ttft_s": ours, "hf_forward_s": hf, "load_1m": load, "engine": spread(ours), "hf": spread(hf),
+                "ratio_engine_over_hf": min(ours) / min(hf), "ratio_of_medians": median(ours) / median(hf)}
 
     @torch.inference_mode()
     def prefix_hit(self) -> dict:
@@ -117,16 +140,21 @@ class Bench:
         suffixes = [self.tokens(cfg.hit_suffix_len) for _ in range(cfg.repeats + 1)]
         self.ttft(self.on, prefix + suffixes[0])  # caches the prefix
         out = self.hf(torch.tensor([prefix]), use_cache=True)
-        miss, hit, hf_full, hf_suffix = [], [], [], []
+        miss, hit, hf_full, hf_suffix, linears, load = [], [], [], [], [], []
         for s in suffixes[1:]:  # interleaved, so drift on a shared machine hits every side alike
             miss.append(self.ttft(self.off, prefix + s))
             hit.append(self.ttft(self.on, prefix + s))
             hf_full.append(self.hf_forward(prefix + s))
             hf_suffix.append(self.hf_forward(s, copy.deepcopy(out.past_key_values)))
+            linears.append(linears_alone(self.on, cfg.hit_suffix_len))
+            load.append(load_average()[:1])
         return {"miss_ttft_s": miss, "hit_ttft_s": hit, "hf_full_s": hf_full, "hf_reused_kv_s": hf_suffix,
+                "linears_alone_s": linears, "load_1m": load,
+                "miss": spread(miss), "hit": spread(hit), "hf_reuse": spread(hf_suffix), "linears": spread(linears),
                 "speedup_engine": median(miss) / median(hit),
                 "speedup_hf_reuse": median(hf_full) / median(hf_suffix),
-                "engine_hit_over_hf_reuse": median(hit) / median(hf_suffix)}
+                "engine_hit_over_hf_reuse": median(hit) / median(hf_suffix),
+                "hit_over_linears_alone": median(hit) / median(linears)}
 
     def _run_workload(self, llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
         start = time.perf_counter()
@@ -140,27 +168,34 @@ class Bench:
 
     def shared(self) -> dict:
         cfg = self.cfg
-        prompts = []
-        for _ in range(cfg.shared_groups):
-            prefix = self.tokens(cfg.shared_prefix_len)
-            prompts += [prefix + self.tokens(cfg.shared_suffix_len) for _ in range(cfg.shared_questions)]
         params = SamplingParams(temperature=0, max_tokens=cfg.shared_output_len, ignore_eos=True)
-        on = self._run_workload(self.on, prompts, [params] * len(prompts))
-        off = self._run_workload(self.off, prompts, [params] * len(prompts))
-        return {"cache_on": on, "cache_off": off, "throughput_ratio": off["elapsed_s"] / on["elapsed_s"],
-                "hit_rate": on["cached_tokens"] / on["prompt_tokens"]}
+        runs: dict[str, list] = {"cache_on": [], "cache_off": [], "load_1m": []}
+        for _ in range(cfg.workload_repeats):  # fresh prefixes each time, interleaved on/off
+            prompts = []
+            for _ in range(cfg.shared_groups):
+                prefix = self.tokens(cfg.shared_prefix_len)
+                prompts += [prefix + self.tokens(cfg.shared_suffix_len) for _ in range(cfg.shared_questions)]
+            runs["cache_on"].append(self._run_workload(self.on, prompts, [params] * len(prompts)))
+            runs["cache_off"].append(self._run_workload(self.off, prompts, [params] * len(prompts)))
+            runs["load_1m"].append(load_average()[:1])
+        on = [r["elapsed_s"] for r in runs["cache_on"]]
+        off = [r["elapsed_s"] for r in runs["cache_off"]]
+        last = runs["cache_on"][-1]
+        return {**runs, "on_elapsed": spread(on), "off_elapsed": spread(off),
+                "throughput_ratio": median(off) / median(on), "hit_rate": last["cached_tokens"] / last["prompt_tokens"]}
 
     def no_sharing(self) -> dict:
         cfg = self.cfg
         params = SamplingParams(temperature=0, max_tokens=cfg.distinct_output_len, ignore_eos=True)
-        runs = {"cache_on": [], "cache_off": []}
-        for _ in range(3):  # fresh prompt sets, interleaved on/off
+        runs: dict[str, list] = {"cache_on": [], "cache_off": [], "load_1m": []}
+        for _ in range(max(3, cfg.workload_repeats)):  # fresh prompt sets, interleaved on/off
             prompts = [self.tokens(cfg.distinct_prompt_len) for _ in range(cfg.distinct_prompts)]
             runs["cache_on"].append(self._run_workload(self.on, prompts, [params] * len(prompts)))
             runs["cache_off"].append(self._run_workload(self.off, prompts, [params] * len(prompts)))
-        on = min(r["elapsed_s"] for r in runs["cache_on"])
-        off = min(r["elapsed_s"] for r in runs["cache_off"])
-        return {**runs, "overhead": on / off - 1.0}
+            runs["load_1m"].append(load_average()[:1])
+        on = [r["elapsed_s"] for r in runs["cache_on"]]
+        off = [r["elapsed_s"] for r in runs["cache_off"]]
+        return {**runs, "on_elapsed": spread(on), "off_elapsed": spread(off), "overhead": min(on) / min(off) - 1.0}
 
     @torch.inference_mode()
     def _hf_static(self, prompts: list[list[int]], outs: list[int], batch: int) -> float:
@@ -186,15 +221,78 @@ class Bench:
         outs = [self.rng.randint(*cfg.batching_output_range) for _ in range(cfg.batching_requests)]
         useful = sum(outs)
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outs]
-        ours = self._run_workload(self.off, prompts, params)
-        hf = {str(b): self._hf_static(prompts, outs, b) for b in cfg.hf_batch_sizes}
-        best = min(hf.values())
-        return {"engine": ours, "hf_static_elapsed_s": hf, "useful_output_tokens": useful,
-                "engine_tok_per_s": useful / ours["elapsed_s"], "hf_best_tok_per_s": useful / best,
-                "ratio": (useful / ours["elapsed_s"]) / (useful / best)}
+        ours, load = [], []
+        hf: dict[str, list[float]] = {str(b): [] for b in cfg.hf_batch_sizes}
+        for _ in range(cfg.workload_repeats):  # interleaved
+            ours.append(self._run_workload(self.off, prompts, params)["elapsed_s"])
+            for b in cfg.hf_batch_sizes:
+                hf[str(b)].append(self._hf_static(prompts, outs, b))
+            load.append(load_average()[:1])
+        best = min(median(v) for v in hf.values())
+        return {"engine_elapsed_s": ours, "hf_static_elapsed_s": hf, "load_1m": load, "engine": spread(ours),
+                "hf": {b: spread(v) for b, v in hf.items()}, "useful_output_tokens": useful,
+                "engine_tok_per_s": useful / median(ours), "hf_best_tok_per_s": useful / best,
+                "ratio": best / median(ours)}
+
+    def _tpot(self, prompts: list[list[int]]) -> tuple[float, float]:
+        """(median TPOT over the batch, output tokens/s of the whole call), all sequences decoding together."""
+        n = self.cfg.decode_output_len
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        start = time.perf_counter()
+        outs = self.off.generate([{"prompt_token_ids": p} for p in prompts], params)
+        elapsed = time.perf_counter() - start
+        return median([(o.metrics.e2e - o.metrics.ttft) / (n - 1) for o in outs]), len(prompts) * n / elapsed
+
+    def decode(self) -> dict:
+        cfg = self.cfg
+        weights = weight_bytes(self.off)
+        bw, load = [], []
+        tpot: dict[str, list[float]] = {str(b): [] for b in cfg.decode_batches}
+        tok_s: dict[str, list[float]] = {str(b): [] for b in cfg.decode_batches}
+        hf: dict[str, list[float]] = {str(b): [] for b in cfg.decode_hf_batch_sizes}
+        big = max(cfg.decode_batches)
+        for _ in range(cfg.repeats):  # interleaved: bandwidth, every batch size, transformers
+            bw.append(read_bandwidth())
+            for b in cfg.decode_batches:
+                t, r = self._tpot([self.tokens(cfg.decode_prompt_len) for _ in range(b)])
+                tpot[str(b)].append(t)
+                tok_s[str(b)].append(r)
+            prompts = [self.tokens(cfg.decode_prompt_len) for _ in range(big)]
+            for hb in cfg.decode_hf_batch_sizes:
+                elapsed = self._hf_static(prompts, [cfg.decode_output_len] * big, hb)
+                hf[str(hb)].append(big * cfg.decode_output_len / elapsed)
+            load.append(load_average()[:1])
+        floor = weights / median(bw)
+        hf_best = max(median(v) for v in hf.values())
+        return {"weight_bytes": weights, "read_bandwidth_bytes_per_s": bw, "bandwidth": spread(bw),
+                "tpot_floor_s": floor, "tpot_s": tpot, "tok_per_s": tok_s, "hf_tok_per_s": hf, "load_1m": load,
+                "tpot": {b: spread(v) for b, v in tpot.items()},
+                "tpot_over_floor": {b: median(v) / floor for b, v in tpot.items()},
+                "hf_best_tok_per_s": hf_best,
+                f"batch{big}_tok_per_s_over_hf_best": median(tok_s[str(big)]) / hf_best}
 
 
-SECTIONS = ("prefill", "prefix_hit", "shared", "no_sharing", "batching")
+def weight_bytes(llm: LLM) -> int:
+    """Bytes of weights one decode step reads: every linear layer and the LM head (not the embedding)."""
+    model = llm.engine.executor.worker.runner.model
+    lins = [lin.weight for layer in model.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                             layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    return sum(w.numel() * w.element_size() for w in [*lins, model.lm_head.weight])
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 3) -> float:
+    """Bytes/s this machine streams from memory: the best of ``repeats`` sums over a buffer
+    larger than the caches report (a decode step reads its weights once, like this)."""
+    buf = torch.ones(mib << 18)  # fp32: mib MiB
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * buf.element_size() / best
+
+
+SECTIONS = ("prefill", "prefix_hit", "shared", "no_sharing", "batching", "decode")
 
 
 def summarize(m: dict) -> dict:
@@ -205,6 +303,7 @@ def summarize(m: dict) -> dict:
         s["prefix_hit_speedup"] = m["prefix_hit"]["speedup_engine"]
         s["hf_reuse_speedup"] = m["prefix_hit"]["speedup_hf_reuse"]
         s["hit_ttft_engine_over_hf_reuse"] = m["prefix_hit"]["engine_hit_over_hf_reuse"]
+        s["hit_ttft_over_linears_alone"] = m["prefix_hit"]["hit_over_linears_alone"]
     if "shared" in m:
         s["shared_prefix_throughput_on_over_off"] = m["shared"]["throughput_ratio"]
         s["shared_prefix_hit_rate"] = m["shared"]["hit_rate"]
@@ -212,11 +311,18 @@ def summarize(m: dict) -> dict:
         s["no_sharing_overhead"] = m["no_sharing"]["overhead"]
     if "batching" in m:
         s["continuous_batching_over_hf_static"] = m["batching"]["ratio"]
+    if "decode" in m:
+        d = m["decode"]
+        for b, r in d["tpot_over_floor"].items():
+            s[f"decode_tpot_b{b}_over_bandwidth_floor"] = r
+        s.update({k: v for k, v in d.items() if k.endswith("_over_hf_best")})
     return s
 
 
-TARGETS = {"prefill_ttft_engine_over_hf": 1.0, "prefix_hit_speedup": 30.0,
-           "shared_prefix_throughput_on_over_off": 3.0, "continuous_batching_over_hf_static": 1.5}
+TARGETS = {"prefill_ttft_engine_over_hf": 1.0, "prefix_hit_speedup": 30.0, "hit_ttft_engine_over_hf_reuse": 0.8,
+           "hit_ttft_over_linears_alone": 1.5, "shared_prefix_throughput_on_over_off": 3.0,
+           "continuous_batching_over_hf_static": 1.5, "decode_tpot_b1_over_bandwidth_floor": 1.5,
+           "batch32_tok_per_s_over_hf_best": 1.5}
 
 
 def plot(summary: dict, path: Path) -> Path:

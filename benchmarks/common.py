@@ -129,6 +129,15 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median with its spread: the figure a result reports, and how far repeats strayed from it."""
+    if not xs:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    m = median(xs)
+    return {"median": m, "min": min(xs), "max": max(xs), "n": len(xs),
+            "rel_spread": (max(xs) - min(xs)) / m if m else float("nan")}
+
+
 def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")

@@ -26,7 +26,6 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from radixserve.benchmarks.common import load_average, median
@@ -35,7 +34,9 @@ from radixserve.engine.model.default_models import resolve_model
 
 # Profiler ranges, innermost wins; ops outside every range count as "engine/other".
 _RANGES = ("schedule+outputs", "prepare_inputs", "model", "attention", "kv_write", "lm_head", "sampling")
-_LINEAR_OPS = ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::_weight_int8pack_mm")
+_LINEAR_OPS = ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::_weight_int8pack_mm",
+               "mkldnn::_linear_pointwise")
+_KV_WRITE_OPS = ("aten::index_copy_", "aten::index_put_")
 _SDPA_OPS = ("aten::scaled_dot_product_attention",)
 
 
@@ -60,7 +61,7 @@ def instrument(llm: LLM) -> None:
     _wrap(runner.model, "forward", "model")  # nn.Module.__call__ finds the instance attribute
     _wrap(runner.model, "compute_logits", "lm_head")
     _wrap(runner, "_sample", "sampling")
-    for m in ("decode", "prefill"):
+    for m in ("attend", "decode", "prefill"):
         _wrap(runner.backend, m, "attention")
     _wrap(runner.backend, "write_kv", "kv_write")
 
@@ -69,6 +70,8 @@ def _stage(rng: str, op: str) -> str:
     if rng == "model" and op in _LINEAR_OPS:
         return "linears"
     if rng == "attention":
+        if op in _KV_WRITE_OPS:
+            return "KV write"
         return "attention (SDPA)" if op in _SDPA_OPS else "KV gather / masks"
     return {"model": "other model ops", "kv_write": "KV write", "lm_head": "LM head", "sampling": "sampling",
             "prepare_inputs": "prepare inputs", "schedule+outputs": "schedule + outputs"}.get(rng, "engine/other")
@@ -92,23 +95,22 @@ def breakdown(prof) -> dict[str, float]:
     return dict(out)
 
 
-def linears_alone(llm: LLM, rows: int, repeats: int) -> float:
-    """Seconds for one step's F.linear calls alone (``rows`` tokens, one LM-head row), same weights."""
+def linears_alone(llm: LLM, rows: int, repeats: int = 3) -> float:
+    """Seconds for one step's linear layers alone (``rows`` tokens, one LM-head row): the same
+    modules and weights the engine multiplies with, nothing else. Median of ``repeats``."""
     model = llm.engine.executor.worker.runner.model
-    mats = []
-    for layer in model.layers:
-        for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            mats.append(lin.weight)
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in mats}
-    head = model.lm_head.weight
-    h = torch.randn(1, head.shape[1], dtype=head.dtype)
+    lins = [lin for layer in model.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                      layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    dtype = model.lm_head.weight.dtype
+    xs = [torch.randn(rows, lin.weight.shape[1], dtype=dtype) for lin in lins]
+    h = torch.randn(1, model.lm_head.weight.shape[1], dtype=dtype)
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            for w in mats:
-                F.linear(xs[w.shape[1]], w)
-            F.linear(h, head)
+            for lin, x in zip(lins, xs):
+                lin(x)
+            model.lm_head(h)
             times.append(time.perf_counter() - start)
     return median(times[1:])
 
