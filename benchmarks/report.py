@@ -126,7 +126,12 @@ HEADLINES: dict[str, Callable[[Result], list[str]]] = {
 KEY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
     ("prefix", "prefill_ttft_engine_over_hf", "prefill TTFT, 2048 tokens: engine / HF forward", "<= 1"),
     ("prefix", "prefix_hit_speedup", "TTFT miss / full prefix hit (2048 cached + 32 new)", ">= 30"),
-    ("prefix", "hit_ttft_engine_over_hf_reuse", "prefix-hit TTFT: engine / HF reusing past_key_values", "< 1"),
+    ("prefix", "hit_ttft_engine_over_hf_reuse", "prefix-hit TTFT: engine / HF reusing past_key_values", "<= 0.8"),
+    ("prefix", "hit_ttft_over_linears_alone", "prefix-hit TTFT / the same step's linear layers alone", "<= 1.5"),
+    ("prefix", "decode_tpot_b1_over_bandwidth_floor", "decode TPOT, batch 1 / weight bytes over measured read "
+     "bandwidth", "<= 1.5"),
+    ("prefix", "batch32_tok_per_s_over_hf_best", "decode at batch 32: engine / HF generate's best static batch, "
+     "tok/s", ">= 1.5"),
     ("prefix", "shared_prefix_throughput_on_over_off", "shared-prefix workload time, cache off / on", ">= 3"),
     ("prefix", "no_sharing_overhead", "all prompts distinct: cache on / off - 1", "<= 0.02"),
     ("prefix", "continuous_batching_over_hf_static", "mixed lengths: engine / HF static batches, tok/s", ">= 1.5"),
