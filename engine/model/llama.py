@@ -20,7 +20,7 @@ from radixserve.engine.model.layers import (
     ShardTarget,
     VocabParallelEmbedding,
 )
-from radixserve.engine.worker.attention import AttentionMetadata, TorchAttention
+from radixserve.engine.worker.attention import AttentionBackend, AttentionMetadata
 from radixserve.engine.worker.distributed import TPGroup
 
 
@@ -43,7 +43,7 @@ class LlamaAttention(nn.Module):
         self._split = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                        self.num_kv_heads * self.head_dim]
 
-    def forward(self, rope, hidden, kv_cache, meta: AttentionMetadata, backend: TorchAttention,
+    def forward(self, rope, hidden, kv_cache, meta: AttentionMetadata, backend: AttentionBackend,
                 keep: torch.Tensor | None = None):
         """rope: this step's (cos, sin) table; hidden [num_tokens, hidden]."""
         n = hidden.shape[0]
@@ -122,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, backend: TorchAttention, keep: torch.Tensor | None = None
+                meta: AttentionMetadata, backend: AttentionBackend, keep: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """input_ids/positions [num_tokens]; kv_cache [layers, 2, blocks, block_size, kv_heads, head_dim]
         -> final hidden states [num_tokens, hidden], or [len(keep), hidden] for the rows in ``keep``.

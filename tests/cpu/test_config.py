@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OTHER = {
     "model": "small-llama", "dtype": "float32", "max_model_len": 100, "seed": 7, "cache_dir": "/tmp/models",
     "tokenizer": "tiny-llama", "revision": "v1", "chat_template": "{{ messages }}", "generation_config": "vllm",
+    "cpu_linear": "dense",
     "block_size": 8, "enable_prefix_caching": False, "num_gpu_blocks": 10, "gpu_memory_utilization": 0.5,
     "kv_cache_gib": 1.5, "swap_space": 2.0, "num_cpu_blocks": 5,
     "max_num_seqs": 3, "max_num_batched_tokens": 512, "enable_chunked_prefill": False,
