@@ -13,6 +13,7 @@ against.
     python -m radixserve.benchmarks.profile_hit                     # small-llama, 2048 cached + 32 new
     python -m radixserve.benchmarks.profile_hit --model smollm2 --prefix 1024
     python -m radixserve.benchmarks.profile_hit --cprofile          # plus the top Python functions
+    python -m radixserve.benchmarks.profile_hit --threads 1         # steadier on a loaded machine
 """
 from __future__ import annotations
 
@@ -134,8 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decode-batch", type=int, default=8, help="sequences decoding together in the decode profile")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--cprofile", action="store_true", help="also print the top functions by own time")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); 1 keeps a loaded shared machine's noise down")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = random.Random(0)
     model_dir = resolve_model(args.model, args.cache_dir)
     llm = LLM(str(model_dir), enable_prefix_caching=True, max_model_len=args.prefix + args.suffix + 64 + args.decode_steps)
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.perf_counter() - start
     result = {"hit_ttft_s": plain, "linears_alone_s": floor, "hit_stages_s": breakdown(prof),
               "load_average": load_average()}
-    print(f"full hit: {args.prefix} cached + {args.suffix} new tokens on {args.model}, load {load_average()}")
+    print(f"full hit: {args.prefix} cached + {args.suffix} new tokens on {args.model}, "
+          f"{torch.get_num_threads()} threads, load {load_average()}")
     print(f"  unprofiled TTFT median {1e3 * median(plain):.1f} ms (min {1e3 * min(plain):.1f}, max "
           f"{1e3 * max(plain):.1f}); linears alone {1e3 * floor:.1f} ms -> hit / linears = "
           f"{median(plain) / floor:.2f}x")
