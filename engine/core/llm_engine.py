@@ -329,6 +329,13 @@ class LLMEngine:
     def is_healthy(self) -> bool:
         return self.dead is None and self.executor.is_healthy()
 
+    def check_workers(self) -> None:
+        """Restart a worker group that lost a rank while idle: no step would notice
+        (steps run only with work queued), so the engine would stay unhealthy for good."""
+        if self.dead is None and not self.has_unfinished_requests() and not self.executor.is_healthy():
+            log.error("a worker exited while the engine was idle: restarting the group")
+            self._recover("a worker exited while idle")
+
     def _fail_request(self, request: Request, error: str) -> RequestOutput:
         """End every unfinished sequence of ``request`` with "error"; its final output."""
         self.scheduler.finish_request(request, "error")

@@ -202,6 +202,7 @@ class AsyncLLMEngine:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
                     self._progress_at = time.monotonic()
+                    self.engine.check_workers()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     self._progress_at = time.monotonic()

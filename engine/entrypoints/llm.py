@@ -71,6 +71,7 @@ class LLM:
             self.engine.validate_prompt(token_ids)
         for sp in params:
             self.engine.validate_params(sp)
+        self.engine.check_workers()  # a rank lost since the last call: restart before queueing
         for lr in dict.fromkeys(lr for lr in loras if lr is not None):
             self.engine.resolve_lora(lr)  # loads now: a bad adapter fails before anything is queued
         texts = [p if isinstance(p, str) else p.get("prompt") if isinstance(p, dict) else None
