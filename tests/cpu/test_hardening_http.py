@@ -63,7 +63,9 @@ def test_text_too_long_for_the_context_is_refused_before_tokenizing(http, url, b
 
 def test_tokenizing_a_long_text_does_not_stall_other_requests(http, backend):
     config = ServerConfig(max_prompt_chars=10**8, max_request_body_bytes=2**26)
-    text = "hello world, this is some text! " * 120_000  # ~3.8 M characters: about 2 s of tokenizing
+    # ~15 M characters: seconds of tokenizing even on a quiet machine, so the models request at 0.5 s
+    # lands inside it (with ~4 M, tokenizing could end first and both answers leave together)
+    text = "hello world, this is some text! " * 480_000
     with serve(build_app(backend, config)) as base:
         done: dict[str, float] = {}
 
