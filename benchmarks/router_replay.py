@@ -177,6 +177,8 @@ def scrape(text: str) -> dict[str, dict[str, float]]:
         if name == "router_decisions_total":
             d = out.setdefault("router", {})
             d[lab.get("reason", "")] = d.get(lab.get("reason", ""), 0.0) + float(value)
+        elif name == "router_report_age_seconds" and "replica" in lab:
+            out.setdefault("router_report_age_s", {})[lab["replica"]] = float(value)
         elif name in _PER_REPLICA and "replica" in lab:
             out.setdefault(lab["replica"], {})[name.removesuffix("_total")] = float(value)
     return out
@@ -185,7 +187,7 @@ def scrape(text: str) -> dict[str, dict[str, float]]:
 def summarize(results: list[Result], sent: list[int], reqs: list[TraceRequest], elapsed: float,
               metrics: dict[str, dict[str, float]], cfg: TraceBenchConfig) -> dict:
     ok = [r for r in results if not r.error]
-    per_replica = {k: v for k, v in metrics.items() if k != "router"}
+    per_replica = {k: v for k, v in metrics.items() if k not in ("router", "router_report_age_s")}
     counts = [v.get("num_requests_finished", 0.0) for v in per_replica.values()]
     counts += [0.0] * (cfg.replicas - len(counts))
     by_header: dict[str, int] = {}  # the x-radixserve-replica header: a cross-check of /metrics
@@ -201,7 +203,8 @@ def summarize(results: list[Result], sent: list[int], reqs: list[TraceRequest], 
             "requests_per_s": len(ok) / elapsed, "elapsed_s": elapsed,
             "load_max_over_mean": max(counts) / (sum(counts) / len(counts)) if sum(counts) else 0.0,
             "per_replica": per_replica, "requests_by_header": by_header,
-            "router_decisions": metrics.get("router", {})}
+            "router_decisions": metrics.get("router", {}),
+            "report_age_s": metrics.get("router_report_age_s", {})}
 
 
 def run_cell(cfg: TraceBenchConfig, policy: str, concurrency: int, reqs: list[TraceRequest], port: int,

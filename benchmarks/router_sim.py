@@ -14,9 +14,13 @@ N simulated replicas, each with
   a request's first token comes at the end of the step that finishes its prompt.
 
 The real ``RoutingPolicy`` (cluster/routing_policy.py) decides, with its real
-``Accounting``; it sees each replica's cache as the metadata actor would
-(exactly, no publish lag) and its load as the replica reports it (taken at the
-end of each engine step). pow2 is Ray Serve's default: two random replicas, the
+``Accounting``; it sees each replica's cache and load as the metadata actor
+would. With ``publish_interval_s`` 0 that view is exact (the load taken at the
+end of each engine step); otherwise it lags like the live cluster's: a replica
+publishes its block events and load every ``publish_interval_s`` (each replica
+at its own phase) and the router's copy is ``sync_lag_s`` behind that, so
+blocks stored since are unseen and blocks evicted since are still believed
+cached. pow2 is Ray Serve's default: two random replicas, the
 one with fewer requests queued or running.
 
 Traces: the Mooncake synthetic trace (../shared/traces) replayed with its real
@@ -83,6 +87,8 @@ class SimConfig:
     system_blocks: int = 1         # trace replay: shared system-prompt blocks before each prompt
     max_blocks: int = 128          # prompt cap in blocks (the model's context)
     max_output: int = 256          # output cap in tokens
+    publish_interval_s: float = 0.0  # replica -> metadata publish period (0: the router sees exactly)
+    sync_lag_s: float = 0.0          # the router's copy trails the metadata actor by this
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +96,8 @@ class SimConfig:
                   "max_output"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1")
+        if self.publish_interval_s < 0 or self.sync_lag_s < 0:
+            raise ValueError("publish_interval_s and sync_lag_s must be >= 0")
         if self.max_blocks > self.blocks_per_replica:
             raise ValueError("max_blocks must fit in one replica's pool")
 
@@ -113,6 +121,23 @@ class BlockCache:
         self.lru: OrderedDict[int, None] = OrderedDict()  # oldest first
         self.pins: Counter[int] = Counter()
         self.private = 0  # pinned blocks holding no reusable prefix (partial / generated)
+        self.stored_at: dict[int, float] = {}   # block -> when it was last stored (for lagged views)
+        self.evicted_at: dict[int, float] = {}  # block -> when it was last evicted
+
+    def seen_hit(self, hashes: tuple[int, ...], limit: int, seen_at: float) -> int:
+        """The hit as a view taken at ``seen_at`` shows it: blocks stored later unseen,
+        blocks evicted later still there."""
+        n = 0
+        for h in hashes[:limit]:
+            stored = self.stored_at.get(h, math.inf)
+            if h in self.lru:
+                ok = stored <= seen_at
+            else:
+                ok = stored <= seen_at < self.evicted_at.get(h, -math.inf)
+            if not ok:
+                break
+            n += 1
+        return n
 
     def hit(self, hashes: tuple[int, ...], limit: int) -> int:
         n = 0
@@ -131,7 +156,8 @@ class BlockCache:
         """What an allocation can take: empty plus evictable cached blocks (the engine's num_free)."""
         return self.empty + len(self.lru) - len(self.pins)
 
-    def admit(self, hashes: tuple[int, ...], hit: int, private: int, pin: bool = True) -> bool:
+    def admit(self, hashes: tuple[int, ...], hit: int, private: int, pin: bool = True,
+              now: float = 0.0) -> bool:
         need = len(hashes) - hit + private
         if need > self.free:
             return False
@@ -140,7 +166,10 @@ class BlockCache:
             h = next(it)
             if h not in self.pins:
                 del self.lru[h]
+                self.evicted_at[h] = now
         for h in reversed(hashes):  # deepest first: parents end up more recent
+            if h not in self.lru:
+                self.stored_at[h] = now
             self.lru[h] = None
             self.lru.move_to_end(h)
         if pin:
@@ -182,25 +211,45 @@ class SimReplica:
         self.step: tuple[float, float, int, list[tuple[Seq, int]]] | None = None  # start, dt, steps, chunks
         self.version = 0  # invalidates a scheduled step end
         self.report = LoadReport(0, 0.0, cfg.blocks_per_replica, cfg.blocks_per_replica)
+        self.reports: deque[LoadReport] = deque([self.report])  # oldest first, for lagged views
+        self.phase = random.Random(name).random() * cfg.publish_interval_s  # replicas publish out of step
         self.requests = 0
         self.work = 0  # tokens computed: uncached prompt tokens and decoded tokens
 
+    def seen_at(self, now: float) -> float:
+        """When the state the router sees now was published (``now`` without lag)."""
+        c = self.cfg
+        if not c.publish_interval_s:
+            return now
+        t = now - c.sync_lag_s - self.phase
+        return math.floor(t / c.publish_interval_s) * c.publish_interval_s + self.phase
+
     def load(self, now: float) -> LoadReport:
-        if self.step is None:  # idle: a report now would say the same
-            return LoadReport(0, now, self.cache.free, self.cfg.blocks_per_replica)
-        return self.report
+        if not self.cfg.publish_interval_s:
+            if self.step is None:  # idle: a report now would say the same
+                return LoadReport(0, now, self.cache.free, self.cfg.blocks_per_replica)
+            return self.report
+        seen = self.seen_at(now)
+        while len(self.reports) > 1 and self.reports[1].at <= seen:
+            self.reports.popleft()
+        return self.reports[0]
+
+    def hit_seen(self, hashes: tuple[int, ...], limit: int, now: float) -> int:
+        if not self.cfg.publish_interval_s:
+            return self.cache.hit(hashes, limit)
+        return self.cache.seen_hit(hashes, limit, self.seen_at(now))
 
     def pending_tokens(self) -> int:
         return sum(s.todo for s in self.running) + sum(s.req.prompt_len for s in self.waiting)
 
-    def _admit(self) -> None:
+    def _admit(self, now: float) -> None:
         bs = self.cfg.block_size
         while self.waiting and len(self.running) < self.cfg.max_running:
             s = self.waiting[0]
             r = s.req
             s.hit = self.cache.hit(r.block_hashes, (r.prompt_len - 1) // bs)
             s.private = -(-(r.prompt_len + r.output_len) // bs) - len(r.block_hashes)
-            if not self.cache.admit(r.block_hashes, s.hit, s.private):
+            if not self.cache.admit(r.block_hashes, s.hit, s.private, now=now):
                 return  # waits for blocks, like the engine
             s.todo = r.prompt_len - s.hit * bs
             self.work += s.todo + r.output_len
@@ -208,8 +257,10 @@ class SimReplica:
 
     def plan(self, now: float) -> tuple[float, float] | None:
         """Start the next step (or run of identical decode steps): (end time, dt)."""
-        self._admit()
+        self._admit(now)
         if not self.running:
+            if self.step is not None:  # going idle: what the next publish says
+                self._record(LoadReport(0, now, self.cache.free, self.cfg.blocks_per_replica))
             self.step = None
             return None
         c = self.cfg
@@ -259,8 +310,13 @@ class SimReplica:
         for s in finished:
             self.running.remove(s)
             self.cache.release(s.req.block_hashes, s.private)
-        self.report = LoadReport(self.pending_tokens(), now, self.cache.free, self.cfg.blocks_per_replica)
+        self._record(LoadReport(self.pending_tokens(), now, self.cache.free, self.cfg.blocks_per_replica))
         return finished
+
+    def _record(self, report: LoadReport) -> None:
+        self.report = report
+        if self.cfg.publish_interval_s:
+            self.reports.append(report)
 
 
 # -- the cluster ---------------------------------------------------------------------------------
@@ -370,7 +426,7 @@ def _route(pol: RoutingPolicy, rng: random.Random, policy: str, reps: list[SimRe
     bs = pol.config.block_size
     limit = (r.prompt_len - 1) // bs
     hashes = list(r.block_hashes)
-    states = [pol.state(rep.name, (rep.cache.hit(r.block_hashes, limit), 0), hashes, rep.load(now), now,
+    states = [pol.state(rep.name, (rep.hit_seen(r.block_hashes, limit, now), 0), hashes, rep.load(now), now,
                         cached_gpu_blocks=len(rep.cache.lru)) for rep in reps]
     prompt = [0] * (len(hashes) * bs) + list(r.tail)  # the policy reads only the tail's tokens
     chosen = pol.route(str(idx), states, hashes, prompt, now)[0].replica

@@ -48,6 +48,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.index = LocalIndex()
         self.router_id = uuid.uuid4().hex[:8]
         self._sync_task: asyncio.Task | None = None
+        self.report_age: dict[str, float] = {}  # replica -> mean age of its load report at decisions
         self._actor = None
 
     # -- metadata sync --------------------------------------------------------------------
@@ -97,11 +98,20 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
         info = routing_info(pending_request.args[0])
         now = time.time()  # wall clock: load reports carry the replicas' wall-clock time
-        decisions = self.policy.route(pending_request.metadata.internal_request_id,
-                                      self._states(candidate_replicas, info, now), info.block_hashes,
+        states = self._states(candidate_replicas, info, now)
+        self._note_report_age(states)
+        decisions = self.policy.route(pending_request.metadata.internal_request_id, states, info.block_hashes,
                                       info.prompt_token_ids, now)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_id[d.replica]] for d in decisions]
+
+    def _note_report_age(self, states: list[ReplicaState]) -> None:
+        """How stale the view deciding is (exponential mean over decisions): the cost
+        model is only as good as it, so /metrics shows it."""
+        for st in states:
+            if st.report_age_s is not None:
+                prev = self.report_age.get(st.replica, st.report_age_s)
+                self.report_age[st.replica] = 0.9 * prev + 0.1 * st.report_age_s
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self.acct.routed(pending_request.metadata.internal_request_id, replica_id.unique_id, time.time())
@@ -125,4 +135,10 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                   "# TYPE radixserve:router_inflight gauge"]
         for rid, n in sorted(self.acct.inflight.items()):
             lines.append(f'radixserve:router_inflight{{router="{self.router_id}",replica="{rid}"}} {n}')
+        lines += ["# HELP radixserve:router_report_age_seconds Age of a replica's load report when this "
+                  "router decides (exponential mean)",
+                  "# TYPE radixserve:router_report_age_seconds gauge"]
+        for rid, age in sorted(self.report_age.items()):
+            lines.append(f'radixserve:router_report_age_seconds{{router="{self.router_id}",replica="{rid}"}} '
+                         f'{age:.4f}')
         return "\n".join(lines) + "\n"

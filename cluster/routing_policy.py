@@ -226,9 +226,9 @@ class Accounting:
         self.hit_blocks: Counter[str] = Counter()
         self._work: dict[str, str] = {}  # request key -> replica, while in flight
         self._chosen: dict[str, Choice] = {}  # request key -> its replica, not yet routed
-        # (time, replica, uncached prompt tokens) of recent routings: work the
-        # replicas' own load reports may not include yet
-        self._recent: deque[tuple[float, str, int]] = deque()
+        # request key -> (time, replica, uncached prompt tokens) of recent routings not finished
+        # yet: work the replicas' own load reports may not include (oldest first)
+        self._recent: OrderedDict[str, tuple[float, str, int]] = OrderedDict()
         self._predicted: OrderedDict[int, tuple[str, float]] = OrderedDict()  # block -> (replica, at)
         self._history: dict[str, tuple[float, float]] = {}  # replica -> (decayed routed requests, at)
 
@@ -261,7 +261,8 @@ class Accounting:
         if block_hashes is None and held is not None:
             block_hashes = list(held.block_hashes)
         self.inflight[replica] += 1
-        self._recent.append((now, replica, tokens))
+        self._recent.pop(key, None)
+        self._recent[key] = (now, replica, tokens)
         self._history[replica] = (self.history(replica, now) + 1, now)
         self.decisions[(replica, reason)] += 1
         self.hit_blocks[replica] += hit
@@ -270,6 +271,9 @@ class Accounting:
             self.predict(replica, block_hashes, now)
 
     def completed(self, key: str, replica: str | None = None) -> None:
+        # a finished request queues nothing, whether or not the replica's last report knew it:
+        # without this a replica whose report is late looks loaded by all it served since
+        self._recent.pop(key, None)
         rid = self._work.pop(key, replica)
         if rid is not None:
             self.inflight[rid] = max(0, self.inflight[rid] - 1)
@@ -282,14 +286,14 @@ class Accounting:
 
     def queued(self, replica: str, load: LoadReport | None, now: float) -> int:
         """Prompt tokens ahead of a new request on ``replica``: its last report,
-        what was routed there after that report was taken, and what was chosen
-        for it and not routed yet."""
+        what was routed there after that report was taken and has not finished,
+        and what was chosen for it and not routed yet."""
         keep = max(10.0, self.config.stale_after_s)
-        while self._recent and self._recent[0][0] < now - keep:
-            self._recent.popleft()
+        while self._recent and next(iter(self._recent.values()))[0] < now - keep:
+            self._recent.popitem(last=False)
         base, taken_at = (load.queued_tokens, load.at) if load is not None else (0, float("-inf"))
         since = taken_at - self.config.delivery_s  # routed earlier than this had reached the replica
-        recent = sum(t for when, r, t in self._recent if r == replica and when > since)
+        recent = sum(t for when, r, t in self._recent.values() if r == replica and when > since)
         reserved = sum(c.tokens for c in self._chosen.values() if c.replica == replica)
         return base + recent + reserved
 

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import json
 
-from radixserve.benchmarks.router_sim import BlockCache, SimConfig, load_trace, oracle_hit_rate, simulate
+from radixserve.benchmarks.router_sim import (
+    BlockCache,
+    SimConfig,
+    SimReplica,
+    load_trace,
+    oracle_hit_rate,
+    simulate,
+)
+from radixserve.cluster.routing_policy import LoadReport
 
 
 def test_cache_evicts_least_recent_leaf_first_and_keeps_pinned_blocks():
@@ -37,3 +45,20 @@ def test_simulated_cluster_ours_keeps_the_cache_that_pow2_loses(tmp_path):
     assert ours.hit_rate > 1.3 * pow2.hit_rate and ours.hit_over_oracle > 0.9
     assert ours.load_max_over_mean < 1.3
     assert ours.ttft_p50_s <= pow2.ttft_p50_s
+
+
+def test_lagged_view_sees_the_past():
+    """publish_interval_s > 0: the router sees blocks and load as last published, not as they are."""
+    c = BlockCache(2)
+    c.admit((1,), 0, 0, pin=False, now=1.0)
+    c.admit((2,), 0, 0, pin=False, now=2.0)
+    c.admit((3,), 0, 0, pin=False, now=3.0)  # pushes 1 out at t=3
+    assert c.hit((1,), 1) == 0 and c.seen_hit((1,), 1, 2.5) == 1  # evicted since the view: still believed
+    assert c.hit((3,), 1) == 1 and c.seen_hit((3,), 1, 2.5) == 0  # stored since the view: unseen
+    cfg = SimConfig(replicas=2, blocks_per_replica=64, max_blocks=16, publish_interval_s=0.5, sync_lag_s=0.1)
+    rep = SimReplica("replica-00", cfg)
+    rep._record(LoadReport(100, 1.0, 64, 64))
+    rep._record(LoadReport(300, 1.3, 64, 64))
+    seen = rep.seen_at(1.45)
+    assert seen <= 1.35 and rep.load(1.45).queued_tokens == (300 if seen >= 1.3 else 100)
+    assert rep.load(10.0).queued_tokens == 300

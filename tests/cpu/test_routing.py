@@ -317,6 +317,7 @@ def test_accounting_without_ray():
     assert acct.predicted_hit("a", [11, 12], 10.0 + cfg.predict_ttl_s + 1) == 0
     acct.completed("q1", "a")
     assert acct.inflight["a"] == 0
+    assert acct.queued("a", LoadReport(50, 9.0), 10.2) == 50  # finished: not queued, report late or not
     # Ray routed to another replica than chosen: counted there, without the cost made for a
     acct.reserve("q2", "a", "affinity", 100, 0, 20.0)
     acct.routed("q2", "b", 20.0)
