@@ -229,7 +229,9 @@ class Accounting:
         # request key -> (time, replica, uncached prompt tokens) of recent routings not finished
         # yet: work the replicas' own load reports may not include (oldest first)
         self._recent: OrderedDict[str, tuple[float, str, int]] = OrderedDict()
-        self._predicted: OrderedDict[int, tuple[str, float]] = OrderedDict()  # block -> (replica, at)
+        # (replica, block) -> when sent there; per replica, since a shared leading block (a system
+        # prompt) goes to every replica and must not hide the chains behind it on all but the last
+        self._predicted: OrderedDict[tuple[str, int], float] = OrderedDict()
         self._history: dict[str, tuple[float, float]] = {}  # replica -> (decayed routed requests, at)
 
     def reserve(self, key: str, replica: str, reason: str, tokens: int, hit: int, now: float,
@@ -279,7 +281,7 @@ class Accounting:
             self.inflight[rid] = max(0, self.inflight[rid] - 1)
 
     def forget(self, replica: str) -> None:
-        """A replica is gone: its in-flight count and predictions with it."""
+        """A replica is gone: its in-flight count with it (its predictions expire)."""
         self.inflight.pop(replica, None)
         for key in [k for k, r in self._work.items() if r == replica]:
             del self._work[key]
@@ -304,8 +306,8 @@ class Accounting:
 
     def predict(self, replica: str, block_hashes: list[int], now: float) -> None:
         for h in block_hashes:
-            self._predicted[h] = (replica, now)
-            self._predicted.move_to_end(h)
+            self._predicted[(replica, h)] = now
+            self._predicted.move_to_end((replica, h))
         while len(self._predicted) > self.MAX_PREDICTED:
             self._predicted.popitem(last=False)
 
@@ -313,8 +315,8 @@ class Accounting:
         """Leading blocks this router recently sent to ``replica`` (reported or not)."""
         n = 0
         for h in block_hashes:
-            got = self._predicted.get(h)
-            if got is None or got[0] != replica or now - got[1] > self.config.predict_ttl_s:
+            at = self._predicted.get((replica, h))
+            if at is None or now - at > self.config.predict_ttl_s:
                 break
             n += 1
         return n
