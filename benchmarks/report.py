@@ -163,6 +163,14 @@ KEY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
     ("router-trace", "trace_n32_hit_over_consistent_hash", "the same: hit rate affinity / consistent hashing",
      ">= 1"),
     ("router-trace", "trace_n32_ttft_p99_over_pow2", "the same: TTFT p99 affinity / pow2", "<= 1"),
+    ("router-trace-tiny-llama", "c16_affinity_hit_over_oracle", "live Mooncake replay, 2 replicas, 16 clients: "
+     "affinity hit rate / one-cache oracle", ">= 0.95"),
+    ("router-trace-tiny-llama", "c16_affinity_hit_over_pow2", "the same: hit rate affinity / pow2", ">= 1.3"),
+    ("router-trace-tiny-llama", "c16_affinity_load_max_over_mean", "the same: max / mean requests per replica",
+     "<= 1.15"),
+    ("router-trace-tiny-llama", "c4_affinity_hit_over_oracle", "the same, 4 clients: hit rate / oracle", ">= 0.95"),
+    ("router-trace-tiny-llama", "c1_affinity_ttft_p50_over_pow2", "the same, 1 client: TTFT p50 affinity / pow2",
+     "< 1"),
     ("lora", "lora_overhead", "LoRA path (1 adapter) / base model time - 1, cache off", ""),
     ("lora", "k16_cache_speedup", "16 adapters: time cache off / on", ""),
 )
