@@ -73,8 +73,9 @@ class RouterConfig:
     hit_weight: float = 1.0          # cost saved per cached (non-common) prompt token
     cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
     # cost per prompt token queued ahead on the replica; below 1 because the replica counts a
-    # waiting prompt in full, its cached prefix included (the hit is known only at admission)
-    queue_weight: float = 0.5
+    # waiting prompt in full, its cached prefix included (the hit is known only at admission).
+    # 0.35 over 0.5: mean hit/oracle 0.974 vs 0.961 over the tuning set, p99 and hot_burst unchanged
+    queue_weight: float = 0.35
     per_request_tokens: int = 64     # decode work of one in-flight request, in prompt tokens
     evict_cost: float = 0.5          # per block pushed out of a full pool, x block_size tokens
     common_share: float = 0.5        # a leading block in this share of recent requests is common

@@ -202,20 +202,21 @@ def test_load_terms_move_decisions_by_exactly_their_cost():
     # a holds 10 blocks (160 tokens of prefill saved); b nothing; both hold nothing in common
     # (both carry 4 in-flight requests, so the in-flight backstop stays out of the way)
     under, over = 159 // cfg.per_request_tokens, 160 // cfg.per_request_tokens + 1  # in-flight worth < / > 160
-    for queued, inflight, want in ((100, 0, "a"), (300, 0, "b"), (0, under, "a"), (0, over, "b")):
+    q_under, q_over = round(0.6 * 160 / cfg.queue_weight), round(1.3 * 160 / cfg.queue_weight)  # worth < / > 160
+    for queued, inflight, want in ((q_under, 0, "a"), (q_over, 0, "b"), (0, under, "a"), (0, over, "b")):
         a = ReplicaState("a", 10, 0, 4 + inflight, queued)
         b = ReplicaState("b", 0, 0, 4, 0)
         delta = p.cost(len(prompt), a) - p.cost(len(prompt), b)
-        assert delta == cfg.queue_weight * queued + cfg.per_request_tokens * inflight - cfg.hit_weight * 160
+        assert delta == pytest.approx(cfg.queue_weight * queued + cfg.per_request_tokens * inflight - cfg.hit_weight * 160)
         assert p.choose([a, b], hashes, prompt)[0].replica == want, (queued, inflight)
 
 
 def test_queued_work_counts_from_the_first_token():
-    """No threshold: 40 queued tokens (far below one step's budget) already move a new prefix."""
+    """No threshold: 64 queued tokens (far below one step's budget) already move a new prefix."""
     p = RoutingPolicy(RouterConfig(block_size=BS))
     for i in range(50):
         hashes, prompt = prompt_of([5000 + i])
-        s = [ReplicaState("a", 0, 0, 0, 40), ReplicaState("b", 0, 0, 0, 0)]
+        s = [ReplicaState("a", 0, 0, 0, 64), ReplicaState("b", 0, 0, 0, 0)]
         assert p.choose(s, hashes, prompt)[0].replica == "b"
 
 
