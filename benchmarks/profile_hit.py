@@ -38,7 +38,7 @@ _RANGES = ("schedule+outputs", "prepare_inputs", "model", "attention", "kv_write
 _LINEAR_OPS = ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::_weight_int8pack_mm",
                "mkldnn::_linear_pointwise")
 _KV_WRITE_OPS = ("aten::index_copy_", "aten::index_put_")
-_SDPA_OPS = ("aten::scaled_dot_product_attention",)
+_SDPA_OPS = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _wrap(obj, name: str, label: str) -> None:

@@ -94,7 +94,7 @@ class TorchAttention(AttentionBackend):
 
     def attend(self, q, k, v, k_cache, v_cache, meta, scale):
         if meta.plan is None:
-            meta.plan = torch_plan.build(meta, k_cache)
+            meta.plan = torch_plan.build(meta, k_cache, q.shape[1])
         plan = meta.plan
         if not plan.usable or not k_cache.is_contiguous():
             return super().attend(q, k, v, k_cache, v_cache, meta, scale)

@@ -3,10 +3,12 @@
 Everything that depends only on the step's layout (which blocks each sequence
 reads, whether they are consecutive in the pool, padding and causal masks) is
 built once in ``build`` and reused by every layer. Per layer, the new K/V are
-already in the pool (``TorchAttention.attend`` writes them first), so each
-sequence attends over its own blocks alone: a view of the pool when its blocks
-are one consecutive run (no copy), else one ``index_select`` into a workspace
-reused by every layer and step (no fresh tensors, no concatenation).
+already in the pool (``TorchAttention.attend`` writes them first), so a decoding
+sequence attends over its own blocks alone, gathered into a workspace reused by
+every layer and step. A prefilling sequence with a cached prefix attends in two
+parts merged by their log-sum-exp: the prefix as views of the pool, one per run
+of consecutive blocks (a gather only when the blocks are badly fragmented), and
+its new tokens' own K/V, causally; no mask over the prefix, no copy of it.
 """
 from __future__ import annotations
 
@@ -35,16 +37,19 @@ class DecodeChunk:
     mask: torch.Tensor | None        # [n, 1, 1, max_len] bool, True on keys a sequence has
 
 
+# More runs of consecutive prefix blocks than this: one gather beats an SDPA call per run.
+_MAX_VIEW_RUNS = 4
+
+
 @dataclass
 class PrefillSeq:
     """One sequence's new tokens (a prompt or a chunk of one) over its cached prefix."""
 
     rows: slice                      # its new tokens among the step's tokens
-    seq_len: int                     # cached prefix + new tokens
-    n_blocks: int
-    first_block: int | None          # its blocks are first_block.. in a row: attend to a view
-    blocks: torch.Tensor | None      # else: [n_blocks] int64 to gather
-    mask: torch.Tensor | None        # [new, seq_len] bottom-right causal; None: no prefix, plain causal
+    cached: int                      # tokens of cached prefix (0: a plain causal prompt)
+    runs: list[tuple[int, int]]      # (first block, blocks): the prefix as views of consecutive blocks
+    blocks: torch.Tensor | None      # or, when too fragmented: [prefix blocks] int64 to gather
+    new_mask: torch.Tensor | None    # [G * new, new] additive causal over the new keys, rows (group, token)
 
 
 @dataclass
@@ -55,7 +60,7 @@ class TorchPlan:
     max_gather_blocks: int = 1       # sizes the workspace
 
 
-def build(meta: AttentionMetadata, k_cache: torch.Tensor) -> TorchPlan:
+def build(meta: AttentionMetadata, k_cache: torch.Tensor, num_heads: int) -> TorchPlan:
     """The plan of one step; ``k_cache`` (any layer's) gives the pool's layout."""
     block_size = k_cache.shape[1]
     if meta.slot_mapping.numel() and int(meta.slot_mapping.min()) < 0:
@@ -74,20 +79,32 @@ def build(meta: AttentionMetadata, k_cache: torch.Tensor) -> TorchPlan:
         if hi == lo:
             continue
         new = hi - lo
-        n_blocks = -(-seq_len // block_size)
-        ids = tables[s][:n_blocks]
-        p = PrefillSeq(slice(nd + lo, nd + hi), seq_len, n_blocks, None, None, None)
-        if seq_len > new:  # a cached prefix: read everything from the pool
-            if ids == list(range(ids[0], ids[0] + n_blocks)):
-                p.first_block = ids[0]
+        p = PrefillSeq(slice(nd + lo, nd + hi), seq_len - new, [], None, None)
+        if p.cached:
+            ids = tables[s][:-(-p.cached // block_size)]
+            runs = _runs(ids)
+            if len(runs) <= _MAX_VIEW_RUNS:
+                p.runs = runs
             else:
                 p.blocks = torch.tensor(ids, dtype=torch.long, device=dev)
-                plan.max_gather_blocks = max(plan.max_gather_blocks, n_blocks)
-            # Query i (absolute seq_len - new + i) sees keys j <= that.
-            rows = torch.arange(seq_len - new, seq_len, device=dev)
-            p.mask = torch.arange(seq_len, device=dev)[None, :] <= rows[:, None]
+                plan.max_gather_blocks = max(plan.max_gather_blocks, len(ids))
+            group = num_heads // k_cache.shape[2]
+            # Additive (the fused op wants the query's dtype): -inf above the diagonal.
+            causal = torch.full((new, new), float("-inf"), dtype=k_cache.dtype, device=dev).triu_(1)
+            p.new_mask = causal.repeat(group, 1)
         plan.prefills.append(p)
     return plan
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Block ids -> (first, count) of each run of consecutive ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for b in ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
 
 
 def _decode_chunks(meta: AttentionMetadata, block_size: int, budget: int, dev: torch.device) -> list[DecodeChunk]:
@@ -151,20 +168,51 @@ def decode_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def prefill_seq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 p: PrefillSeq, ws: torch.Tensor, scale: float) -> tuple[slice, torch.Tensor]:
     """-> (rows, attention output [new, num_heads, head_dim]) of one prefilling sequence."""
-    if p.mask is None:  # no cached prefix: the new tokens are all the keys
-        keys, values = k[p.rows], v[p.rows]  # [new, Hkv, D]
-    elif p.first_block is not None:
-        b = p.first_block
-        keys = k_cache[b:b + p.n_blocks].flatten(0, 1)[:p.seq_len]  # [seq_len, Hkv, D], a view
-        values = v_cache[b:b + p.n_blocks].flatten(0, 1)[:p.seq_len]
-    else:
-        keys = _gather(k_cache, p.blocks, ws[0]).flatten(0, 1)[:p.seq_len]
-        values = _gather(v_cache, p.blocks, ws[1]).flatten(0, 1)[:p.seq_len]
-    # 4-D with a batch of one: 3-D inputs send CPU SDPA to its slow unfused math path.
-    qh = q[p.rows].transpose(0, 1)[None]    # [1, H, new, D]
-    kh = keys.transpose(0, 1)[None]         # [1, Hkv, seq_len, D]
-    vh = values.transpose(0, 1)[None]
-    gqa = qh.shape[1] != kh.shape[1]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=p.mask, is_causal=p.mask is None, scale=scale,
-                                         enable_gqa=gqa)  # [1, H, new, D]
-    return p.rows, out[0].transpose(0, 1)
+    if not p.cached:  # no cached prefix: the new tokens are all the keys
+        # 4-D with a batch of one: 3-D inputs send CPU SDPA to its slow unfused math path.
+        qh, kh, vh = q[p.rows].transpose(0, 1)[None], k[p.rows].transpose(0, 1)[None], v[p.rows].transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                             enable_gqa=qh.shape[1] != kh.shape[1])  # [1, H, new, D]
+        return p.rows, out[0].transpose(0, 1)
+    new, heads, head_dim = q[p.rows].shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    # GQA without repeating K/V: the query heads of one kv head become rows of it.
+    qf = q[p.rows].reshape(new, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, head_dim)
+    parts = [_flash(qf, k[p.rows], v[p.rows], p.new_mask, scale)]  # the new keys, causally
+    for first, n_blocks, length in _prefix_segments(p, k_cache.shape[1]):
+        parts.append(_flash(qf, k_cache[first:first + n_blocks].flatten(0, 1)[:length],
+                            v_cache[first:first + n_blocks].flatten(0, 1)[:length], None, scale))
+    if p.blocks is not None:
+        parts.append(_flash(qf, _gather(k_cache, p.blocks, ws[0]).flatten(0, 1)[:p.cached],
+                            _gather(v_cache, p.blocks, ws[1]).flatten(0, 1)[:p.cached], None, scale))
+    out = _merge(parts)  # [1, Hkv, G * new, D]
+    return p.rows, out[0].view(kv_heads, group, new, head_dim).permute(2, 0, 1, 3).reshape(new, heads, head_dim)
+
+
+def _prefix_segments(p: PrefillSeq, block_size: int) -> list[tuple[int, int, int]]:
+    """(first block, blocks, tokens) of each view over the prefix; the last one ends at ``cached``."""
+    segs, start = [], 0
+    for first, n_blocks in p.runs:
+        length = min(n_blocks * block_size, p.cached - start)
+        segs.append((first, n_blocks, length))
+        start += length
+    return segs
+
+
+def _flash(qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qf [1, Hkv, rows, D] over keys/values [T, Hkv, D] -> (out [1, Hkv, rows, D], lse [1, Hkv, rows])."""
+    kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kh, vh, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over disjoint key sets -> attention over their union, weighted by each part's log-sum-exp."""
+    out, lse = parts[0]
+    for o, l in parts[1:]:
+        total = torch.logaddexp(lse, l)
+        out = out * (lse - total).exp_()[..., None] + o * (l - total).exp_()[..., None]
+        lse = total
+    return out

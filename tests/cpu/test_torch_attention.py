@@ -40,7 +40,9 @@ def _meta(decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], 
 CASES = {
     # one sequence, prefix hit with consecutive blocks (a view of the pool) / scattered blocks (a gather)
     "hit_view": ([], [([3, 4, 5, 6], 15, 5)]),
-    "hit_gather": ([], [([9, 2, 7, 0], 14, 3)]),
+    "hit_runs": ([], [([9, 2, 7, 0], 14, 3)]),
+    # more runs than _MAX_VIEW_RUNS: the prefix is gathered
+    "hit_gather": ([], [([9, 2, 7, 0, 12, 5], 23, 2)]),
     "miss": ([], [([1, 2], 7, 7)]),
     "decodes_only": ([([1], 3), ([2, 5, 8], 11), ([6, 7], 8)], []),
     "mixed": ([([1], 1), ([2, 5, 8], 12)], [([10, 11, 12], 10, 4), ([13, 3], 6, 6), ([14, 15, 4], 9, 1)]),
@@ -65,13 +67,41 @@ def test_planned_attention_matches_the_references(case):
     torch.testing.assert_close(pool, ref_pool, atol=0, rtol=0)  # the same K/V written to the same slots
 
 
-def test_view_and_gather_are_both_exercised():
+def test_views_runs_and_gather_are_all_exercised():
     from radixserve.engine.worker import torch_plan
     k_cache = torch.zeros(16, BS, HKV, D)
-    view = torch_plan.build(_meta(*CASES["hit_view"]), k_cache).prefills[0]
-    gather = torch_plan.build(_meta(*CASES["hit_gather"]), k_cache).prefills[0]
-    assert view.first_block == 3 and view.blocks is None
-    assert gather.first_block is None and gather.blocks.tolist() == [9, 2, 7, 0]
+    view, runs, gather = (torch_plan.build(_meta(*CASES[c]), k_cache, HEADS).prefills[0]
+                          for c in ("hit_view", "hit_runs", "hit_gather"))
+    assert view.runs == [(3, 3)] and view.blocks is None and view.cached == 10  # the last block partial
+    assert runs.runs == [(9, 1), (2, 1), (7, 1)] and runs.blocks is None
+    assert gather.runs == [] and gather.blocks.tolist() == [9, 2, 7, 0, 12, 5]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("heads", [HKV, HEADS])  # MHA and GQA
+def test_lse_merged_prefix_attention_on_random_block_tables(seed, heads):
+    """Random prefix lengths (partial last blocks too), block tables part consecutive, part scattered."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(16, generator=g).tolist()
+    prefills, used = [], 0
+    for _ in range(2):
+        seq_len = int(torch.randint(6, 20, (1,), generator=g))
+        new = int(torch.randint(1, seq_len - 2, (1,), generator=g))
+        n = -(-seq_len // BS)
+        start = int(torch.randint(0, 16 - n, (1,), generator=g))
+        blocks = list(range(start, start + n)) if seed % 2 else perm[used:used + n]
+        used += n
+        prefills.append((blocks, seq_len, new))
+    meta, ref_meta = _meta([], prefills), _meta([], prefills)
+    n_tok = meta.slot_mapping.shape[0]
+    q, k, v = torch.randn(n_tok, heads, D, generator=g), torch.randn(n_tok, HKV, D, generator=g), \
+        torch.randn(n_tok, HKV, D, generator=g)
+    pool = torch.randn(2, 16, BS, HKV, D, generator=g)
+    ref_pool = pool.clone()
+    ours = TorchAttention()
+    out = ours.attend(q, k, v, pool[0], pool[1], meta, D ** -0.5)
+    ref = AttentionBackend.attend(ours, q, k, v, ref_pool[0], ref_pool[1], ref_meta, D ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="no oneDNN weight packing in this torch build")
