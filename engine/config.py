@@ -85,6 +85,8 @@ class CacheConfig:
     kv_cache_gib: float | None = knob(None, "explicit device-pool size in GiB (default: automatic; 2 GiB on CPU)")
     swap_space: float = knob(0.0, "GiB of host memory per rank for the CPU tier of the KV cache (0 = no CPU tier)")
     num_cpu_blocks: int | None = knob(None, "explicit CPU-tier size in blocks; wins over swap_space (default: from swap_space)")
+    max_concurrent_pulls: int = knob(4, "peer KV: most prefixes fetched from other replicas at once")
+    peer_pull_timeout_s: float = knob(10.0, "peer KV: a fetch slower than this (seconds) falls back to recompute")
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
@@ -98,6 +100,8 @@ class CacheConfig:
         _require(self.swap_space >= 0, f"swap_space must be >= 0 GiB, got {self.swap_space}")
         _require(self.num_cpu_blocks is None or self.num_cpu_blocks >= 0,
                  f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
+        _require(self.max_concurrent_pulls >= 1, f"max_concurrent_pulls must be >= 1, got {self.max_concurrent_pulls}")
+        _require(self.peer_pull_timeout_s > 0, f"peer_pull_timeout_s must be > 0, got {self.peer_pull_timeout_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ from radixserve.engine.cache.events import (
     SnapshotEntry,
 )
 from radixserve.engine.cache.hashing import parent_hash
+from radixserve.engine.cache.peer import PeerBook
 from radixserve.engine.cache.radix import RadixNode, RadixTree
 from radixserve.engine.core.sequence import Sequence
 
@@ -58,7 +59,8 @@ class StepTransfers:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
-                 num_cpu_blocks: int = 0, events: EventLog | None = None, demote_window: int = 0):
+                 num_cpu_blocks: int = 0, events: EventLog | None = None, demote_window: int = 0,
+                 max_pulls: int = 4):
         if num_cpu_blocks and not enable_prefix_caching:
             raise ValueError("the CPU tier (swap_space > 0) holds prefix-cache blocks; "
                              "it needs enable_prefix_caching=True")
@@ -68,6 +70,7 @@ class KVCacheManager:
         self.tree = RadixTree()
         self.pool = BlockPool(num_blocks, is_cached=self.tree.holds_block, on_evict=self._evict_gpu)
         self.cpu = CpuTier(self, num_cpu_blocks, demote_window) if num_cpu_blocks else None
+        self.peer = PeerBook(self, max_pulls)  # peer KV export pins and import pulls (cache/peer.py)
         self.num_evicted_blocks = 0
         self.namespaces: dict[int, tuple[str, ...]] = {}  # root hash -> the namespace it hashes
 
@@ -212,11 +215,16 @@ class KVCacheManager:
         """
         if self.cpu is not None and self.cpu.defer_free(seq):
             return  # a swap-in still writes its blocks: released when it completes
+        if self.peer.defer_free(seq):
+            return  # a peer import still writes its blocks: released when it completes
         if not demote and self.cpu is not None:
             for block in seq.block_ids:
                 if self.pool.ref_cnt[block] == 1 and self.tree.holds_block(block):
                     node = self.tree.node_of_block(block)
                     node.keep_off_cpu = node.cpu is None
+        self._release(seq)
+
+    def release(self, seq: Sequence) -> None:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -242,7 +250,8 @@ class KVCacheManager:
 
     def swapping_in_hashes(self) -> set[int]:
         """Blocks being promoted: a prompt continuing through them waits, not recomputes."""
-        return self.cpu.inflight_hashes() if self.cpu is not None else set()
+        hashes = self.cpu.inflight_hashes() if self.cpu is not None else set()
+        return hashes | self.peer.inflight_hashes()
 
     def plan_transfers(self) -> StepTransfers:
         """End of a schedule: the swap-outs of the step. The copy-on-evict batch
@@ -296,7 +305,7 @@ class KVCacheManager:
         """Forget every cached block; False (nothing done) if any is in use."""
         if any(n.gpu is not None and self.pool.ref_cnt[n.gpu] for n in self.tree.nodes()):
             return False
-        if self.cpu is not None and self.cpu.inflight:
+        if (self.cpu is not None and self.cpu.inflight) or self.peer.pulls:
             return False
         for node in self.tree.clear():
             for tier, block in ((GPU, node.gpu), (CPU, node.cpu)):
@@ -313,6 +322,7 @@ class KVCacheManager:
                 if ready:
                     self.events.record_node(False, tier, node, CLEARED)
         self.tree.clear()
+        self.peer.clear()
         self.pool = BlockPool(self.pool.num_blocks, is_cached=self.tree.holds_block, on_evict=self._evict_gpu)
         if self.cpu is not None:
             self.cpu = CpuTier(self, self.cpu.pool.num_blocks, self.cpu.window)
@@ -385,6 +395,7 @@ class KVCacheManager:
                     f"seq {seq.seq_id} block {i} is committed but not the tree's copy"
         if self.cpu is not None:
             self.cpu.add_deferred_refs(refs)
+        self.peer.add_deferred_refs(refs)
         assert refs == self.pool.ref_cnt, "ref counts differ from the blocks sequences hold"
         free = list(self.pool.free_queue)
         assert len(free) == len(set(free)) == len(self.pool.free_queue), "free queue corrupt"

@@ -25,12 +25,14 @@ import torch
 import zmq
 
 from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
+from radixserve.engine.cache.peer import EXPORT, IMPORT, kv_from_tensor, tensor_from_kv
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.auth import FrameAuth
 from radixserve.engine.executor.net import bind_router, close_on_collect
 from radixserve.engine.executor.protocol import (
     TO_CLIENT,
     TO_SERVER,
+    RankKV,
     TransferAck,
     TransferDone,
     TransferHello,
@@ -91,6 +93,13 @@ class CacheTransferClient:
         for rank in range(self.num_ranks):
             self.sock.send_multipart([self._peers[rank], *frame])
 
+    def send_each(self, tasks: list[TransferTask]) -> None:
+        """One task per rank (``tasks[r]`` to rank r, same task id): a peer import's bytes."""
+        assert len(tasks) == self.num_ranks and len({t.task_id for t in tasks}) == 1
+        self._sent.add(tasks[0].task_id)
+        for rank, task in enumerate(tasks):
+            self.sock.send_multipart([self._peers[rank], *self.auth.sign(self.epoch, wire.encode("task", task))])
+
     def _recv(self, timeout_ms: int) -> bool:
         """Take one frame if one comes within ``timeout_ms``; False if none came."""
         if not self.sock.poll(timeout_ms):
@@ -144,8 +153,9 @@ class CacheTransferClient:
                     continue  # wait for the others too, so no rank still writes the blocks
                 del self._acks[task_id]
                 self._sent.discard(task_id)
+                kv = [a.kv for a in sorted(acks, key=lambda a: a.rank) if a.kv is not None]
                 done.append(TransferDone(task_id, not failed, "; ".join(a.error for a in failed),
-                                         max(a.seconds for a in acks), sum(a.num_bytes for a in acks)))
+                                         max(a.seconds for a in acks), sum(a.num_bytes for a in acks), kv))
         return done
 
     def close(self) -> None:
@@ -191,7 +201,7 @@ class CacheTransferServer:
         self._stop = True
         self._thread.join(timeout=5)
 
-    def _copy(self, task: TransferTask) -> None:
+    def _copy(self, task: TransferTask) -> RankKV | None:
         dev = self.device_pool.device
         gpu = torch.tensor(task.gpu_blocks, dtype=torch.long, device=dev)
         cpu = torch.tensor(task.cpu_blocks, dtype=torch.long)
@@ -199,24 +209,47 @@ class CacheTransferServer:
             self.swap(self.device_pool, self.host_pool, gpu, cpu)
         elif task.kind == SWAP_IN:
             self.swap(self.host_pool, self.device_pool, cpu, gpu)
+        elif task.kind == EXPORT:
+            return self._export(gpu, cpu)
+        elif task.kind == IMPORT:
+            self._import(task, gpu)
         else:
             raise ValueError(f"unknown transfer kind {task.kind!r}")
+        return None
+
+    def _export(self, gpu: torch.Tensor, cpu: torch.Tensor) -> RankKV:
+        """Copy pinned blocks out (device ones, then CPU-tier ones: a chain's order);
+        reads only, so requests running on the device pool are not disturbed."""
+        parts = [self.device_pool[:, :, gpu].cpu(), self.host_pool[:, :, cpu]]
+        out = torch.cat(parts, dim=2)  # [layers, 2, n, block_size, kv_heads, head_dim]
+        return kv_from_tensor(self.rank, out)
+
+    def _import(self, task: TransferTask, gpu: torch.Tensor) -> None:
+        if task.kv is None:
+            raise ValueError("an import task without bytes")
+        kv = tensor_from_kv(task.kv)  # [layers, 2, m, block_size, kv_heads, head_dim], m >= n
+        want = self.device_pool[:, :, :0].shape
+        if kv.dtype != self.device_pool.dtype or kv.shape[:2] != want[:2] or kv.shape[3:] != want[3:] \
+                or kv.shape[2] < len(task.gpu_blocks):
+            raise ValueError(f"peer KV of shape {list(kv.shape)} {kv.dtype} does not fit this pool "
+                             f"({list(want)} {self.device_pool.dtype}, {len(task.gpu_blocks)} blocks)")
+        self.device_pool[:, :, gpu] = kv[:, :, :len(task.gpu_blocks)].to(self.device_pool.device)
 
     def _execute(self, task: TransferTask) -> TransferAck:
         start = time.perf_counter()
         try:
             if self.stream is not None:
                 with torch.cuda.stream(self.stream):
-                    self._copy(task)
+                    kv = self._copy(task)
                 self.stream.synchronize()
             else:
-                self._copy(task)
+                kv = self._copy(task)
         except Exception as exc:  # reported per task; the engine fails its requests
             log.exception("cache transfer %d failed", task.task_id)
             return TransferAck(task.task_id, self.rank, False, f"{type(exc).__name__}: {exc}",
                                time.perf_counter() - start, 0)
-        nbytes = len(task.gpu_blocks) * self.block_bytes
-        return TransferAck(task.task_id, self.rank, True, "", time.perf_counter() - start, nbytes)
+        nbytes = (len(task.gpu_blocks) + (len(task.cpu_blocks) if task.kind == EXPORT else 0)) * self.block_bytes
+        return TransferAck(task.task_id, self.rank, True, "", time.perf_counter() - start, nbytes, kv)
 
     def _run(self) -> None:
         ctx = zmq.Context()

@@ -10,10 +10,12 @@ from collections.abc import Sequence as Seq
 from radixserve.engine.cache.events import EventLog, Snapshot
 from radixserve.engine.cache.hashing import cache_namespace, root_hash
 from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.cache.peer import KVExport, PeerHint
 from radixserve.engine.cache.transfer import CacheTransferClient
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.core.metrics import EngineMetrics, StatsLogger
 from radixserve.engine.core.output_processor import OutputProcessor
+from radixserve.engine.core.peer_driver import PeerDriver, PeerFetcher
 from radixserve.engine.core.scheduler import Scheduler
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.core.sequence import Request, Sequence
@@ -32,9 +34,11 @@ _RESTART_ATTEMPTS = 3  # fresh worker groups tried after a failure before the en
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, launcher=None, engine_id: str | None = None):
+    def __init__(self, config: EngineConfig, launcher=None, engine_id: str | None = None,
+                 peer_fetcher: PeerFetcher | None = None):
         """``launcher`` starts tensor-parallel workers (default: local processes);
-        ``engine_id`` names this engine in its block events (default: random)."""
+        ``engine_id`` names this engine in its block events (default: random);
+        ``peer_fetcher`` gets a prefix's KV from another replica (engine/core/peer_driver.py)."""
         self.config = config
         self.launcher = launcher
         self.engine_id = engine_id or uuid.uuid4().hex[:12]
@@ -73,6 +77,7 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
                                                   config.structured_outputs, self.metrics)
         self._seq_ids = itertools.count()
+        self.peer = PeerDriver(self, peer_fetcher)
 
     def _init_pools(self) -> int:
         """Size the CPU tier from what a block weighs on each rank, start the
@@ -100,7 +105,7 @@ class LLMEngine:
                      sched.max_num_batched_tokens // self.block_size + sched.max_num_seqs)
         return KVCacheManager(self.executor.num_blocks, self.block_size,
                               self.config.cache.enable_prefix_caching, num_cpu_blocks, self.events,
-                              demote_window=window)
+                              demote_window=window, max_pulls=self.config.cache.max_concurrent_pulls)
 
     # -- setup -----------------------------------------------------------------
 
@@ -134,7 +139,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | None = None,
                     params: SamplingParams | None = None, prompt_token_ids: Seq[int] | None = None,
                     namespace: Seq[str] = (), arrival_time: float | None = None,
-                    lora_request: LoRARequest | None = None) -> Request:
+                    lora_request: LoRARequest | None = None, peer_hint: PeerHint | None = None) -> Request:
         """Validate and queue a request; raises ValueError with a clear message.
 
         With ``lora_request`` the request runs on that adapter (loaded from its
@@ -154,6 +159,7 @@ class LLMEngine:
         namespace = cache_namespace(adapter.namespace if adapter is not None else None, namespace)
         request = Request(request_id, prompt, ids, params, namespace,
                           arrival_time if arrival_time is not None else time.monotonic(), lora=adapter)
+        request.peer_hint = peer_hint
         self._make_seqs(request)
         self.scheduler.add_request(request)
         self.outputs.add_request(request)
@@ -247,6 +253,8 @@ class LLMEngine:
         so = self.scheduler.schedule()
         so.grammar_mask = self.structured.fill_mask(so)
         try:
+            self.peer.start()
+            self.peer.poll()
             self._send_transfers()
             if so.is_empty and not so.finished_seq_ids:
                 # Nothing to compute: maybe swap-ins are running. Wait a little for them.
@@ -283,15 +291,18 @@ class LLMEngine:
             if wait_s:
                 time.sleep(wait_s)  # idle without a CPU tier: nothing will arrive
             return []
-        done = self.transfers.poll(set(wait_for), self.config.parallel.worker_timeout_s)
+        done = self.peer.early + self.transfers.poll(set(wait_for), self.config.parallel.worker_timeout_s)
+        self.peer.early = []
         if not done and wait_s:
-            if self.kv.has_inflight_transfers:
+            if self.kv.has_inflight_transfers or self.peer.writing:
                 self.transfers.wait_any(0.05)  # returns as soon as an ack arrives
                 done = self.transfers.poll()
             else:
                 time.sleep(wait_s)
         outs = []
         for d in done:
+            if self.peer.on_done(d):
+                continue
             t, seq = self.scheduler.apply_transfer(d.task_id, d.ok)
             if d.ok:
                 self.metrics.inc(f"{t.kind}_blocks", len(t.gpu_blocks))  # swap_in_blocks / swap_out_blocks
@@ -307,6 +318,7 @@ class LLMEngine:
         outs = [self._fail_request(r, f"worker failure: {error}") for r in list(self.scheduler.requests.values())]
         self.scheduler.reset_worker_state()
         self.kv.clear_all()
+        self.peer.reset()
         if self.lora is not None:  # new workers start with empty adapter slots
             self.lora.reset_slots()
         for attempt in range(1, _RESTART_ATTEMPTS + 1):
@@ -382,7 +394,13 @@ class LLMEngine:
         """Every cached block and its tiers, as of the last recorded event."""
         return self.kv.snapshot()
 
+    def export_kv(self, block_hashes: list[int]) -> KVExport:
+        """Peer KV: this engine's blocks of a chain (its longest cached prefix), for another replica."""
+        return self.peer.export(block_hashes)
+
     def shutdown(self) -> None:
+        if getattr(self, "peer", None) is not None:
+            self.peer.shutdown()
         if getattr(self, "structured", None) is not None:
             self.structured.shutdown()
         executor = getattr(self, "executor", None)

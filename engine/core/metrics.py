@@ -33,7 +33,7 @@ VLLM_ALIASES = {
     "e2e_request_latency_seconds": "e2e_request_latency_seconds",
 }
 _TIERS = {"all": "prefix_cache_hits_tokens", "gpu": "prefix_cache_gpu_hits_tokens",
-          "cpu": "prefix_cache_cpu_hits_tokens"}
+          "cpu": "prefix_cache_cpu_hits_tokens", "remote": "prefix_cache_remote_hits_tokens"}
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 _STEP_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -86,6 +86,11 @@ _SCALARS = {
     "prefix_cache_hits_tokens": ("counter", "Prompt tokens served from the prefix cache (all tiers)"),
     "prefix_cache_gpu_hits_tokens": ("counter", "Prompt tokens served from the device tier"),
     "prefix_cache_cpu_hits_tokens": ("counter", "Prompt tokens served from the CPU tier"),
+    "prefix_cache_remote_hits_tokens": ("counter", "Prompt tokens pulled from a peer replica's cache"),
+    "peer_pulls_ok": ("counter", "Peer KV pulls that brought at least one block"),
+    "peer_pulls_failed": ("counter", "Peer KV pulls that fell back to recompute"),
+    "peer_import_bytes": ("counter", "Bytes of peer KV written into the device pool, all ranks"),
+    "peer_export_blocks": ("counter", "KV blocks exported to peer replicas"),
     "prompt_tokens": ("counter", "Prompt tokens of finished requests"),
     "generation_tokens": ("counter", "Generated tokens"),
     "num_requests_finished": ("counter", "Requests finished (any reason)"),

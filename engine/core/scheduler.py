@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from radixserve.engine.cache.cpu_tier import Transfer
 from radixserve.engine.cache.kv_manager import KVCacheManager
+from radixserve.engine.cache.peer import Pull
 from radixserve.engine.config import SchedulerConfig
 from radixserve.engine.core.metrics import EngineMetrics
 from radixserve.engine.core.scheduler_output import (
@@ -70,7 +71,9 @@ class Scheduler:
         self._has_sampler: set[int] = set()  # seq ids rank 0 holds sampling state for
         self._finished_ids: list[int] = []
         self._pending_copies: list[tuple[int, int]] = []
-        self.swapping: dict[int, Sequence] = {}  # seq id -> sequence waiting for its swap-in
+        self.swapping: dict[int, Sequence] = {}  # seq id -> sequence waiting for its swap-in (or peer pull)
+        self.peer_enabled = False  # the engine sets it when it can import (a cache queue and a fetcher)
+        self.pull_timeout_s = 10.0
 
     # -- requests ----------------------------------------------------------
 
@@ -218,9 +221,10 @@ class Scheduler:
                 deferred.append(self.waiting.popleft())
                 continue
             hit_tokens = hit_blocks * self.kv.block_size
-            swap_in = hit is not None and bool(hit.cpu_nodes)
-            # A sequence that must swap in computes nothing this step: its
-            # tokens get blocks once it runs.
+            remote = self._remote_blocks(seq, hit_blocks) if hit is not None and not hit.cpu_nodes else 0
+            swap_in = (hit is not None and bool(hit.cpu_nodes)) or remote > 0
+            # A sequence that must swap in (or pull from a peer) computes nothing
+            # this step: its tokens get blocks once it runs.
             n = 0 if swap_in else min(seq.num_tokens - hit_tokens, budget)
             if n < seq.num_tokens - hit_tokens and not swap_in and not self.config.enable_chunked_prefill:
                 break
@@ -241,7 +245,11 @@ class Scheduler:
                 pinned.add(lora.uid)
             if self.kv.enable_prefix_caching:
                 inflight.update(seq.block_hashes[hit_blocks:])
-            if seq.num_cached_tokens < 0:  # first admission: this is the request's prefix hit
+            if remote:  # its hit is counted when the pull ends (finish_pull)
+                hint, seq.request.peer_hint = seq.request.peer_hint, None  # one try: a failed pull recomputes
+                assert hint is not None
+                self.kv.peer.start_pull(seq, hint, hit_blocks, remote, time.monotonic() + self.pull_timeout_s)
+            elif seq.num_cached_tokens < 0:  # first admission: this is the request's prefix hit
                 seq.num_cached_tokens = hit_tokens
                 seq.num_cpu_cached_tokens = len(hit.cpu_nodes) * self.kv.block_size if hit else 0
                 self._count_prefix_hit(seq)
@@ -259,11 +267,39 @@ class Scheduler:
         return budget
 
     def _count_prefix_hit(self, seq: Sequence) -> None:
-        m, cpu = self.metrics, seq.num_cpu_cached_tokens
+        m, cpu, remote = self.metrics, seq.num_cpu_cached_tokens, seq.num_remote_cached_tokens
         m.inc("prefix_cache_queries_tokens", seq.num_tokens)
         m.inc("prefix_cache_hits_tokens", seq.num_cached_tokens)
-        m.inc("prefix_cache_gpu_hits_tokens", seq.num_cached_tokens - cpu)
+        m.inc("prefix_cache_gpu_hits_tokens", seq.num_cached_tokens - cpu - remote)
         m.inc("prefix_cache_cpu_hits_tokens", cpu)
+        m.inc("prefix_cache_remote_hits_tokens", remote)
+
+    # -- peer KV (engine/cache/peer.py) ------------------------------------------
+
+    def _remote_blocks(self, seq: Sequence, hit_blocks: int) -> int:
+        """Blocks past the local hit a peer could give this sequence (0: none, or no pull now)."""
+        hint = seq.request.peer_hint
+        if hint is None or seq.index != 0 or not self.peer_enabled or seq.num_cached_tokens >= 0:
+            return 0
+        max_blocks = (seq.num_tokens - 1) // self.kv.block_size  # the last token is always computed
+        count = min(hint.num_blocks, max_blocks) - hit_blocks
+        return count if count > 0 and self.kv.peer.can_pull() else 0
+
+    def finish_pull(self, pull: Pull, num_in: int) -> None:
+        """A pull ended with its first ``num_in`` blocks written (0: failed). The
+        sequence runs from there, recomputing whatever did not come, in its own blocks."""
+        seq = pull.seq
+        if self.kv.peer.finish(pull) or seq.status != SeqStatus.SWAPPING_IN:
+            return
+        bs = self.kv.block_size
+        seq.num_computed_tokens = (pull.first + num_in) * bs
+        seq.num_cached_tokens = seq.num_computed_tokens
+        seq.num_remote_cached_tokens = num_in * bs
+        self._count_prefix_hit(seq)
+        self.kv.commit(seq)
+        del self.swapping[seq.seq_id]
+        seq.status = SeqStatus.RUNNING
+        bisect.insort(self.running, seq, key=_priority)
 
     def schedule(self) -> SchedulerOutput:
         self._step_id += 1

@@ -10,6 +10,7 @@ from radixserve.engine.cache.hashing import hash_full_blocks
 from radixserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from radixserve.engine.cache.peer import PeerHint
     from radixserve.engine.lora.manager import LoRAAdapter
 
 
@@ -43,6 +44,7 @@ class Sequence:
     num_committed_blocks: int = 0  # blocks of block_ids already inserted in the radix tree
     num_cached_tokens: int = -1  # prefix hit at first scheduling; -1 = not scheduled yet
     num_cpu_cached_tokens: int = 0  # the part of that hit swapped in from the CPU tier
+    num_remote_cached_tokens: int = 0  # the part of that hit pulled from a peer replica
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -106,6 +108,7 @@ class Request:
     lora: LoRAAdapter | None = None  # the adapter version it runs on (its namespace is in ``namespace``)
     num_finished: int = 0  # sequences finished so far: is_finished stays O(1) for any n
     grammar_pending: bool = False  # structured outputs: its grammar is still compiling; not schedulable
+    peer_hint: PeerHint | None = None  # its prefix is cached on a peer replica; tried once, then cleared
 
     @property
     def prompt_len(self) -> int:

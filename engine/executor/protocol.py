@@ -23,7 +23,7 @@ Plain data only -- importable without torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from radixserve.engine.config import EngineConfig
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
@@ -104,11 +104,24 @@ WORKER_TO_ENGINE = {"hello": Hello, "loaded": Loaded, "ack": Ack, "step": StepRe
 
 
 @dataclass(frozen=True)
+class RankKV:
+    """One rank's KV of a run of blocks, as raw bytes (engine/cache/peer.py)."""
+
+    rank: int
+    data: bytes  # a C-contiguous tensor [layers, 2, blocks, block_size, kv_heads/tp, head_dim]
+    dtype: str   # torch dtype name, e.g. "float32"
+    shape: list[int]
+
+
+@dataclass(frozen=True)
 class TransferTask:
     task_id: int
-    kind: str  # "swap_in" (CPU -> device) | "swap_out" (device -> CPU)
+    # "swap_in" (CPU -> device) | "swap_out" (device -> CPU) | "export" (device blocks
+    # then CPU blocks -> bytes in the ack) | "import" (``kv`` -> device blocks)
+    kind: str
     gpu_blocks: list[int]
     cpu_blocks: list[int]
+    kv: RankKV | None = None  # import: this rank's bytes (its first len(gpu_blocks) blocks are written)
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,7 @@ class TransferAck:
     error: str
     seconds: float
     num_bytes: int
+    kv: RankKV | None = None  # export: the blocks' bytes
 
 
 @dataclass(frozen=True)
@@ -135,6 +149,7 @@ class TransferDone:
     error: str
     seconds: float  # slowest rank
     num_bytes: int  # summed over ranks
+    kv: list[RankKV] = field(default_factory=list)  # export: every rank's bytes, by rank
 
 
 # What the engine may send a rank's transfer thread.

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-WIRE_VERSION = 2  # 2: SchedulerOutput.grammar_mask, SamplingParams.structured_outputs
+WIRE_VERSION = 3  # 2: SchedulerOutput.grammar_mask, SamplingParams.structured_outputs; 3: peer KV export/import
 
 
 class WireError(ValueError):
