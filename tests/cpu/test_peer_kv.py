@@ -85,3 +85,22 @@ def test_failed_or_short_pull_falls_back(tiny_dir):
     assert short.num_cached_tokens == 32 and short.outputs[0].token_ids == ref.outputs[0].token_ids
     a.shutdown()
     b.shutdown()
+
+
+def test_slow_pull_times_out_and_recomputes(tiny_dir):
+    import threading
+    release = threading.Event()
+
+    def fetch(hint: PeerHint, hashes: list[int]) -> KVExport:
+        release.wait(5)  # a holder that hangs
+        raise TimeoutError("too late")
+
+    b = LLM(str(tiny_dir), num_gpu_blocks=48, num_cpu_blocks=64, max_model_len=256, peer_pull_timeout_s=0.2,
+            engine_worker_queue_port=0, cache_queue_port=0)
+    from radixserve.engine.core.peer_driver import PeerDriver
+    b.engine.peer = PeerDriver(b.engine, fetch)
+    out = run(b, DOC + "Question two?", PeerHint("a", 6))
+    release.set()
+    assert out.error is None and out.num_cached_tokens == 0
+    assert b.engine.metrics.snapshot()["peer_pulls_failed"] == 1
+    b.shutdown()
