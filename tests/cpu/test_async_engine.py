@@ -91,3 +91,9 @@ def test_explicit_abort(engine):
         return outs
     outs = run(go())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+
+def test_construction_error_reaches_the_caller(tiny_dir):
+    # The engine is built on its own thread (where it steps): what that raises must surface here.
+    with pytest.raises(ValueError, match="max_model_len"):
+        AsyncLLMEngine.from_kwargs(str(tiny_dir), max_model_len=0)
