@@ -12,15 +12,13 @@ freshly computed ones. Until then they are not in the tree (no other lookup
 sees them); a pull that fails, times out or comes back short lets the sequence
 recompute what is missing in the very blocks it holds, so nothing leaks.
 
-This module keeps the books only (no bytes move here) plus the two byte codecs.
+This module keeps the books only (no bytes move here; the byte codecs live in transfer.py).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import torch
 
 from radixserve.engine.executor.protocol import RankKV
 
@@ -58,19 +56,6 @@ class KVExport:
     @property
     def num_bytes(self) -> int:
         return sum(len(r.data) for r in self.ranks)
-
-
-def kv_from_tensor(rank: int, t: torch.Tensor) -> RankKV:
-    t = t.contiguous()
-    return RankKV(rank, t.view(torch.uint8).numpy().tobytes(), str(t.dtype).removeprefix("torch."), list(t.shape))
-
-
-def tensor_from_kv(kv: RankKV) -> torch.Tensor:
-    dtype = getattr(torch, kv.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown KV dtype {kv.dtype!r}")
-    raw = torch.frombuffer(bytearray(kv.data), dtype=torch.uint8)
-    return raw.view(dtype).reshape(kv.shape)
 
 
 @dataclass(eq=False)

@@ -25,7 +25,7 @@ import torch
 import zmq
 
 from radixserve.engine.cache.cpu_tier import SWAP_IN, SWAP_OUT
-from radixserve.engine.cache.peer import EXPORT, IMPORT, kv_from_tensor, tensor_from_kv
+from radixserve.engine.cache.peer import EXPORT, IMPORT
 from radixserve.engine.executor import wire
 from radixserve.engine.executor.auth import FrameAuth
 from radixserve.engine.executor.net import bind_router, close_on_collect
@@ -55,6 +55,20 @@ def swap_fn(device: torch.device) -> SwapFn:
     if device.type == "cuda" and HAS_TRITON:
         return block_copy.swap_blocks
     return block_copy.swap_blocks_ref
+
+
+# A peer export/import crosses the cache queue as raw bytes with dtype and shape (msgpack, never pickle).
+def kv_from_tensor(rank: int, t: torch.Tensor) -> RankKV:
+    t = t.contiguous()
+    return RankKV(rank, t.view(torch.uint8).numpy().tobytes(), str(t.dtype).removeprefix("torch."), list(t.shape))
+
+
+def tensor_from_kv(kv: RankKV) -> torch.Tensor:
+    dtype = getattr(torch, kv.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown KV dtype {kv.dtype!r}")
+    raw = torch.frombuffer(bytearray(kv.data), dtype=torch.uint8)
+    return raw.view(dtype).reshape(kv.shape)
 
 
 class CacheTransferClient:
