@@ -349,3 +349,13 @@ def test_load_report_and_device_block_count_reach_the_router():
     d.drop("a")
     local.apply(d.pull(local.version))
     assert "a" not in local.gpu_blocks
+
+
+def test_predictions_survive_a_shared_first_block():
+    """A system-prompt block sent to every replica must not hide the chains behind it on all but the last."""
+    acct = Accounting(RouterConfig(block_size=BS))
+    acct.routed("x", "a", 10.0, block_hashes=[1, 2, 3])  # system block 1, then x's own
+    acct.routed("y", "b", 10.1, block_hashes=[1, 7])      # the same system block, elsewhere
+    assert acct.predicted_hit("a", [1, 2, 3], 10.2) == 3
+    assert acct.predicted_hit("b", [1, 7], 10.2) == 2
+    assert acct.predicted_hit("b", [1, 2, 3], 10.2) == 1  # b holds the system block only
