@@ -108,8 +108,13 @@ def test_eviction_makes_the_router_stop_preferring_a_replica(cluster):
     c = client(cluster)
     target = "This document is cached on one replica until other documents push it out. " * 4
     home = complete(c, target).headers["x-radixserve-replica"]
-    replicas = sorted({home, *(complete(c, f"probe {i} " * 30).headers["x-radixserve-replica"]
-                              for i in range(6))})
+    # New prefixes go where the pool has empty blocks first (the pressure term), so probe until
+    # both replicas have answered rather than a fixed few times.
+    replicas = {home}
+    for i in range(40):
+        replicas.add(complete(c, f"probe {i} " * 30).headers["x-radixserve-replica"])
+        if len(replicas) == 2:
+            break
     assert len(replicas) == 2
     # Distinct ~450-token fillers (no cache hit anywhere) until five have landed on the home
     # replica: four overflow its 96-block pool. The router spreads new prefixes over both
