@@ -40,6 +40,8 @@ p50/p99 under the service model.
     python -m radixserve.benchmarks.router_sim --replicas 2 --concurrency 1,4,16 --max-output 1 --max-blocks 127
         # the live replay's shape (bench_router --trace): closed loop, prefill only, 2048-token context
     python -m radixserve.benchmarks.router_sim --router queue_weight=1.0 --no-write   # try a RouterConfig knob
+    python -m radixserve.benchmarks.router_sim --replicas 4,8 --blocks-per-replica 256 --max-blocks 64 \
+        --policies prefix_affinity,prefix_affinity+pull,round_robin,round_robin+pull   # peer KV pulls vs none
 
 How the RouterConfig defaults were tuned (not on the figures reported): each
 candidate ran on the trace's two halves separately at 2.5 and 3.5 requests/s
@@ -57,7 +59,7 @@ import math
 import random
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,11 @@ class SimConfig:
     # client; 0.21 s at 16 clients on 2 loaded cores). 0: the router sees exactly
     publish_interval_s: float = 0.1  # replica -> metadata publish period
     sync_lag_s: float = 0.06         # the router's copy trails the published state by this
+    # peer KV: the router hints the holder and the chosen replica pulls what the holder still has
+    # at admission; a pulled token is charged this share of a computed one on the puller (the
+    # live pull waits off the engine's step, so this is conservative; bench_peer_kv: ~0.13)
+    peer_kv: bool = False
+    pull_cost: float = 0.15
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -203,6 +210,8 @@ class Seq:
     decoded: int = 0
     private: int = 0
     ttft: float = math.nan
+    hint: tuple[SimReplica, int] | None = None  # (holder, its blocks) from the router
+    remote: int = 0        # blocks pulled from the holder
 
 
 class SimReplica:
@@ -250,11 +259,14 @@ class SimReplica:
         while self.waiting and len(self.running) < self.cfg.max_running:
             s = self.waiting[0]
             r = s.req
-            s.hit = self.cache.hit(r.block_hashes, (r.prompt_len - 1) // bs)
+            limit = (r.prompt_len - 1) // bs
+            s.hit = self.cache.hit(r.block_hashes, limit)
             s.private = -(-(r.prompt_len + r.output_len) // bs) - len(r.block_hashes)
             if not self.cache.admit(r.block_hashes, s.hit, s.private, now=now):
                 return  # waits for blocks, like the engine
-            s.todo = r.prompt_len - s.hit * bs
+            if s.hint is not None:  # the export holds what the holder still has now
+                s.remote = max(0, s.hint[0].cache.hit(r.block_hashes, min(limit, s.hint[1])) - s.hit)
+            s.todo = r.prompt_len - (s.hit + s.remote) * bs + math.ceil(self.cfg.pull_cost * s.remote * bs)
             self.work += s.todo + r.output_len
             self.running.append(self.waiting.popleft())
 
@@ -336,6 +348,7 @@ class SimResult:
     ttft_p99_s: float
     requests: int
     per_replica: list[int] = field(default_factory=list)
+    remote_hit_rate: float = 0.0  # of the hit rate, tokens pulled from a peer (peer_kv)
 
 
 def oracle_hit_rate(reqs: list[SimRequest], cfg: SimConfig) -> float:
@@ -352,8 +365,12 @@ def oracle_hit_rate(reqs: list[SimRequest], cfg: SimConfig) -> float:
 
 def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[str, Any] | None = None,
              oracle: float | None = None) -> SimResult:
+    """One policy over the requests; "<policy>+pull" runs it with peer KV pulls."""
+    if policy.endswith("+pull"):
+        res = simulate(reqs, replace(cfg, peer_kv=True), policy.removesuffix("+pull"), router, oracle)
+        return replace(res, policy=policy)
     rcfg = RouterConfig(policy=policy if policy != "pow2" else "prefix_affinity", block_size=cfg.block_size,
-                        step_tokens=cfg.step_tokens, **(router or {}))
+                        step_tokens=cfg.step_tokens, **{"peer_kv": cfg.peer_kv, **(router or {})})
     pol = RoutingPolicy(rcfg)
     acct = pol.accounting
     rng = random.Random(cfg.seed)
@@ -382,9 +399,9 @@ def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[s
         now, _, kind, idx = heapq.heappop(events)
         if kind == 0:
             r = reqs[idx]
-            ri = _route(pol, rng, policy, reps, r, idx, now)
+            ri, hint = _route(pol, rng, policy, reps, r, idx, now)
             rep = reps[ri]
-            s = Seq(idx, r, now)
+            s = Seq(idx, r, now, hint=hint if cfg.peer_kv else None)
             seqs.append(s)
             rep.waiting.append(s)
             rep.requests += 1
@@ -408,8 +425,10 @@ def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[s
                 heapq.heappush(events, (now, sent, 0, sent))
                 sent += 1
         schedule(ri, now)
+    remote_tokens = 0
     for s in seqs:
-        hit_tokens += s.hit * cfg.block_size
+        hit_tokens += (s.hit + s.remote) * cfg.block_size
+        remote_tokens += s.remote * cfg.block_size
         prompt_tokens += s.req.prompt_len
     counts = [r.requests for r in reps]
     ttft = [s.ttft for s in seqs]
@@ -417,15 +436,17 @@ def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[s
     orc = oracle_hit_rate(reqs, cfg) if oracle is None else oracle
     work = [r.work for r in reps]
     return SimResult(policy, hit, orc, hit / orc if orc else 0.0, max(counts) / (sum(counts) / len(counts)),
-                     max(work) / (sum(work) / len(work)), median(ttft), percentile(ttft, 0.99), len(seqs), counts)
+                     max(work) / (sum(work) / len(work)), median(ttft), percentile(ttft, 0.99), len(seqs), counts,
+                     remote_tokens / max(1, prompt_tokens))
 
 
 def _route(pol: RoutingPolicy, rng: random.Random, policy: str, reps: list[SimReplica], r: SimRequest,
-           idx: int, now: float) -> int:
+           idx: int, now: float) -> tuple[int, tuple[SimReplica, int] | None]:
+    """The chosen replica and the router's peer hint (holder, blocks) for it."""
     if policy == "pow2":  # Ray Serve's default: the shorter queue of two random replicas
         a, b = rng.sample(range(len(reps)), 2) if len(reps) > 1 else (0, 0)
         qa, qb = (len(reps[i].waiting) + len(reps[i].running) for i in (a, b))
-        return a if qa <= qb else b
+        return (a if qa <= qb else b), None
     bs = pol.config.block_size
     limit = (r.prompt_len - 1) // bs
     hashes = list(r.block_hashes)
@@ -433,7 +454,9 @@ def _route(pol: RoutingPolicy, rng: random.Random, policy: str, reps: list[SimRe
                         cached_gpu_blocks=len(rep.cache.lru)) for rep in reps]
     prompt = [0] * (len(hashes) * bs) + list(r.tail)  # the policy reads only the tail's tokens
     chosen = pol.route(str(idx), states, hashes, prompt, now)[0].replica
-    return int(chosen.rsplit("-", 1)[1])
+    hint = pol.peer_hint(states, chosen)
+    by_name = {rep.name: rep for rep in reps}
+    return int(chosen.rsplit("-", 1)[1]), (by_name[hint[0]], hint[1]) if hint else None
 
 
 # -- workloads ------------------------------------------------------------------------------------
@@ -557,6 +580,13 @@ def summarize(grid: dict) -> dict[str, float]:
     for wl, by_n in grid.items():
         for n, by_p in by_n.items():
             ours = by_p.get("prefix_affinity")
+            pulled = by_p.get("prefix_affinity+pull")
+            if ours and pulled:
+                s[f"{wl}_n{n}_pull_hit_over_oracle"] = round(pulled["hit_over_oracle"], 3)
+                s[f"{wl}_n{n}_pull_hit_over_no_pull"] = round(pulled["hit_rate"] / max(1e-9, ours["hit_rate"]), 3)
+                s[f"{wl}_n{n}_pull_load_max_over_mean"] = round(pulled["load_max_over_mean"], 3)
+                s[f"{wl}_n{n}_pull_ttft_p99_over_no_pull"] = round(
+                    pulled["ttft_p99_s"] / max(1e-9, ours["ttft_p99_s"]), 3)
             if not ours:
                 continue
             s[f"{wl}_n{n}_hit_over_oracle"] = round(ours["hit_over_oracle"], 3)
@@ -621,7 +651,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--concurrency", default="0", help="comma list; > 0: closed loop with that many clients")
     for f in fields(SimConfig):
-        if f.name not in ("replicas", "concurrency"):
+        if f.name in ("replicas", "concurrency"):
+            continue
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None)
+        else:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     args = p.parse_args(argv)
     base = SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)
@@ -641,7 +675,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"ttft p50 {r['ttft_p50_s'] * 1e3:7.1f} ms p99 {r['ttft_p99_s'] * 1e3:8.1f} ms")
     if not args.no_write:
         suite = ("router-trace" if workloads == ["trace"] else "router-workloads") + \
-            ("-closed" if any(concurrency) else "")
+            ("-closed" if any(concurrency) else "") + \
+            ("-pull" if base.peer_kv or any(p.endswith("+pull") for p in args.policies.split(",")) else "")
         path = write_result(suite, {**asdict(base), "router": asdict(RouterConfig(**_router_overrides(args.router))),
                                     "workloads": workloads}, grid, summary,
                             Path(args.out_dir) if args.out_dir else None,

@@ -20,8 +20,21 @@ from typing import Any
 from ray import serve
 
 from radixserve.cluster.metadata import encode_batch, encode_snapshot, get_metadata_actor
-from radixserve.cluster.replica_wire import ReplicaInfo, StreamItem, decode_request, encode_info, encode_item
+from radixserve.cluster.replica_wire import (
+    ExportRequest,
+    ReplicaInfo,
+    StreamItem,
+    decode_export,
+    decode_export_request,
+    decode_hint,
+    decode_request,
+    encode_export,
+    encode_export_request,
+    encode_info,
+    encode_item,
+)
 from radixserve.engine.cache.hashing import HASH_SCHEME_VERSION
+from radixserve.engine.cache.peer import KVExport, PeerHint
 from radixserve.engine.entrypoints.async_engine import AsyncLLMEngine
 from radixserve.engine.entrypoints.llm import engine_config
 from radixserve.engine.lora.request import LoRARequest
@@ -61,6 +74,26 @@ async def _bounded(ref, timeout_s: float = _METADATA_TIMEOUT_S):
     return await asyncio.wait_for(ref, timeout_s)
 
 
+class RayPeerFetcher:
+    """Peer KV, the puller's side: fetch a prefix's KV from the holder replica with a
+    targeted Serve call (PrefixAffinityRouter routes ``export_kv`` to the replica it
+    names; Ray's object store moves the bytes). Runs on the engine's fetch threads."""
+
+    def __init__(self, handle, replica_id: str, timeout_s: float):
+        self.handle = handle
+        self.replica_id = replica_id
+        self.timeout_s = timeout_s
+
+    def __call__(self, hint: PeerHint, block_hashes: list[int]) -> KVExport:
+        payload = encode_export_request(ExportRequest(hint.holder, block_hashes))
+        response = self.handle.export_kv.remote(hint.holder, payload)
+        try:
+            return decode_export(response.result(timeout_s=self.timeout_s))
+        except BaseException:
+            response.cancel()  # the holder died or is slow: the engine recomputes
+            raise
+
+
 class LLMServer:
     def __init__(self, engine_kwargs: dict[str, Any], publish_interval_s: float = 0.1,
                  stall_timeout_s: float = 120.0):
@@ -74,7 +107,11 @@ class LLMServer:
 
             from radixserve.cluster.ray_launcher import RayWorkerLauncher
             launcher = RayWorkerLauncher(use_gpu=torch.cuda.is_available())
-        self.engine = AsyncLLMEngine(cfg, launcher=launcher, engine_id=self.replica_id)
+        fetcher = None
+        if cfg.cache.peer_kv:
+            handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+            fetcher = RayPeerFetcher(handle, self.replica_id, cfg.cache.peer_pull_timeout_s)
+        self.engine = AsyncLLMEngine(cfg, launcher=launcher, engine_id=self.replica_id, peer_fetcher=fetcher)
         core = self.engine.engine
         import ray
         self.info = ReplicaInfo(self.replica_id, cfg.model.model, core.max_model_len, core.block_size,
@@ -158,10 +195,14 @@ class LLMServer:
         self._ensure_publisher()
         return encode_info(self.info)
 
-    async def generate(self, payload: bytes):
-        """Stream msgpack-encoded StreamItems; closing the stream aborts the request."""
+    async def generate(self, payload: bytes, peer_hint: bytes | None = None):
+        """Stream msgpack-encoded StreamItems; closing the stream aborts the request.
+        ``peer_hint`` (the router's): another replica holds more of the prompt's prefix."""
         self._ensure_publisher()
         req = decode_request(payload)
+        hint = decode_hint(peer_hint) if peer_hint is not None else None
+        if hint is not None and hint.holder == self.replica_id:
+            hint = None
         lora = None
         if req.lora is not None:
             if self.engine.engine.lora is not None and req.lora not in self.engine.engine.lora.adapters:
@@ -169,8 +210,18 @@ class LLMServer:
             lora = LoRARequest(req.lora)
         async for out in self.engine.generate(req.prompt_text, req.params, req.request_id,
                                               prompt_token_ids=req.prompt_token_ids,
-                                              namespace=req.namespace, lora_request=lora):
+                                              namespace=req.namespace, lora_request=lora, peer_hint=hint):
             yield encode_item(StreamItem(self.replica_id, out))
+
+    async def export_kv(self, target: str, payload: bytes) -> bytes:
+        """Peer KV, the holder's side: the longest cached prefix of a chain, every rank's
+        bytes (msgpack). ``target`` is the replica the caller meant (our router routes the
+        call there by it); copied between two engine steps, pinned meanwhile."""
+        if target != self.replica_id:
+            raise ValueError(f"peer KV export for replica {target} reached {self.replica_id}")
+        req = decode_export_request(payload)
+        export = await self.engine.call(lambda e: e.export_kv(req.block_hashes))
+        return encode_export(export)
 
     async def metrics(self) -> str:
         return self.engine.engine.metrics.render(f'replica="{self.replica_id}"')

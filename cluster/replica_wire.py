@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from radixserve.engine.cache.peer import KVExport, PeerHint
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.executor import wire
 from radixserve.engine.sampling_params import SamplingParams
@@ -80,3 +81,44 @@ def encode_info(info: ReplicaInfo) -> bytes:
 
 def decode_info(data: bytes) -> ReplicaInfo:
     return wire.decode(data, {"info": ReplicaInfo})[1]
+
+
+@dataclass(frozen=True)
+class PeerHintWire:
+    """The router's word on where a request's prefix is cached besides the replica it chose."""
+
+    holder: str      # replica id
+    num_blocks: int  # leading prompt blocks the holder has cached
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Replica B asks holder ``target`` for the cached prefix of a chain (peer KV)."""
+
+    target: str
+    block_hashes: list[int]
+
+
+def encode_hint(holder: str, num_blocks: int) -> bytes:
+    return wire.encode("peer_hint", PeerHintWire(holder, num_blocks))
+
+
+def decode_hint(data: bytes) -> PeerHint:
+    h = wire.decode(data, {"peer_hint": PeerHintWire})[1]
+    return PeerHint(h.holder, h.num_blocks)
+
+
+def encode_export_request(req: ExportRequest) -> bytes:
+    return wire.encode("export_request", req)
+
+
+def decode_export_request(data: bytes) -> ExportRequest:
+    return wire.decode(data, {"export_request": ExportRequest})[1]
+
+
+def encode_export(export: KVExport) -> bytes:
+    return wire.encode("kv_export", export)
+
+
+def decode_export(data: bytes) -> KVExport:
+    return wire.decode(data, {"kv_export": KVExport})[1]

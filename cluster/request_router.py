@@ -28,7 +28,7 @@ from ray.serve.request_router import (
 )
 
 from radixserve.cluster.metadata import ACTOR_NAMESPACE, LocalIndex, actor_name, decode_delta
-from radixserve.cluster.replica_wire import RoutingInfo, routing_info
+from radixserve.cluster.replica_wire import RoutingInfo, encode_hint, routing_info
 from radixserve.cluster.routing_policy import ReplicaState, RouterConfig, RoutingPolicy
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None and pending_request.metadata.call_method == "export_kv":
+            # peer KV: a replica asks the holder by name (LLMServer.export_kv's first argument)
+            target = [r for r in candidate_replicas if r.replica_id.unique_id == pending_request.args[0]]
+            return [target] if target else []  # gone: the caller's timeout ends the wait
         self._ensure_sync()
         routable = (pending_request is not None and pending_request.args
                     and isinstance(pending_request.args[0], bytes))
@@ -102,6 +106,9 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._note_report_age(states)
         decisions = self.policy.route(pending_request.metadata.internal_request_id, states, info.block_hashes,
                                       info.prompt_token_ids, now)
+        hint = self.policy.peer_hint(states, decisions[0].replica) if decisions else None
+        if hint is not None:  # the chosen replica pulls this prefix from its holder (LLMServer.generate)
+            pending_request.kwargs["peer_hint"] = encode_hint(*hint)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_id[d.replica]] for d in decisions]
 

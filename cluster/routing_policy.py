@@ -6,8 +6,14 @@ prefill work, so every term compares with every other):
     cost(r) = own(r) + load(r) + pressure(r) + adapter(r)
 
     own(r)      = prompt_tokens - bs * common
-                  - hit_weight * bs * (gpu_hit(r) + (1 - cpu_copy_cost) * cpu_hit(r) - common)
-                  the request's own prefill there. ``common`` leading blocks do not
+                  - hit_weight * bs * (gpu_hit(r) + (1 - cpu_copy_cost) * cpu_hit(r)
+                                       + (1 - remote_copy_cost) * remote_hit(r) - common)
+                  the request's own prefill there. ``remote_hit(r)``: with peer KV, the
+                  blocks past r's own hit that another (fresh) replica holds, which r
+                  pulls instead of computing (at remote_copy_cost of a recompute: the
+                  transfer's bytes over its measured rate). So a loaded holder's
+                  prefix spills with a pull, and an idle holder still wins its repeats.
+                  ``common`` leading blocks do not
                   decide placement: the prefix every candidate holds, and blocks so
                   popular (a system prompt in >= common_share of recent requests) that
                   every replica keeps them anyway. Without that, the first replica to
@@ -32,7 +38,10 @@ prefix lands on a replica picked by its own hash among equally loaded ones
 (new prefixes spread) and its repeats land on the same one (they converge;
 after the first, their hit also pulls them there). Blocks this router sent to
 r count as cached on r for ``predict_ttl_s`` until r's own report says so, so
-repeats converge before the metadata catches up.
+repeats converge before the metadata catches up. With peer KV, near ties put
+the replica holding the longer prefix itself first (a pull is cheap, a local hit
+cheaper), and the router tells the chosen replica which other one holds more of
+the prompt (``peer_hint``) so it pulls rather than recomputes.
 
 Exclusions: a replica whose load report is older than ``stale_after_s`` (it
 stopped reporting to the metadata actor, or is stuck) is not chosen while a
@@ -72,6 +81,11 @@ class RouterConfig:
     step_tokens: int = SchedulerConfig.max_num_batched_tokens  # the replicas' per-step token budget
     hit_weight: float = 1.0          # cost saved per cached (non-common) prompt token
     cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
+    peer_kv: bool = False            # replicas pull prefixes from each other (the engine's cache.peer_kv)
+    # a block pulled from a peer, against recomputing it: bench_peer_kv measured pull 7.9x faster
+    # than recompute on small-llama CPU (0.13); rounded up for the call's fixed cost
+    remote_copy_cost: float = 0.2
+    pull_min_blocks: int = 2         # a peer hint is sent only for at least this many more blocks
     # cost per prompt token queued ahead on the replica; below 1 because the replica counts a
     # waiting prompt in full, its cached prefix included (the hit is known only at admission).
     # 0.35 over 0.5: mean hit/oracle 0.974 vs 0.961 over the tuning set, p99 and hot_burst unchanged
@@ -96,8 +110,9 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"router policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if not 0 <= self.cpu_copy_cost <= 1:
-            raise ValueError(f"cpu_copy_cost must be in [0, 1], got {self.cpu_copy_cost}")
+        for name in ("cpu_copy_cost", "remote_copy_cost"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 < self.common_share <= 1:
             raise ValueError(f"common_share must be in (0, 1], got {self.common_share}")
         for name in ("hit_weight", "queue_weight", "per_request_tokens", "evict_cost", "tie_tokens",
@@ -105,7 +120,7 @@ class RouterConfig:
                      "balance_epsilon"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("block_size", "step_tokens", "popularity_window", "rendezvous_blocks"):
+        for name in ("block_size", "step_tokens", "popularity_window", "rendezvous_blocks", "pull_min_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("stale_after_s", "reservation_ttl_s", "sync_interval_s", "history_halflife_s"):
@@ -116,11 +131,12 @@ class RouterConfig:
     def for_engine(cls, engine: EngineConfig, **overrides: Any) -> RouterConfig:
         """The router in front of replicas running ``engine``: it counts hits in the
         engine's blocks and queued work against the engine's step budget."""
-        derived = {"block_size": engine.cache.block_size, "step_tokens": engine.scheduler.max_num_batched_tokens}
+        derived = {"block_size": engine.cache.block_size, "step_tokens": engine.scheduler.max_num_batched_tokens,
+                   "peer_kv": engine.cache.peer_kv and engine.cache.enable_prefix_caching}
         clash = sorted(set(overrides) & set(derived))
         if clash:
             raise ValueError(f"router {clash} come from the engine config "
-                             "(block_size, max_num_batched_tokens); set them there")
+                             "(block_size, max_num_batched_tokens, peer_kv); set them there")
         return cls(**derived, **overrides)
 
 
@@ -135,6 +151,12 @@ class ReplicaState:
     empty_blocks: int | None = None  # device blocks holding nothing (None: unknown, no pressure term)
     report_age_s: float | None = None  # age of its last load report (None: never reported)
     history: float = 0.0  # requests routed there lately (Accounting.history)
+    reported_hit: int | None = None  # blocks its own report says it holds (None: gpu_hit + cpu_hit)
+
+    @property
+    def held(self) -> int:
+        """Prefix blocks it can export to a peer now: reported ones, not predicted."""
+        return self.gpu_hit + self.cpu_hit if self.reported_hit is None else self.reported_hit
 
 
 @dataclass(frozen=True)
@@ -337,6 +359,7 @@ class RoutingPolicy:
         """A replica's state for one request, from its reported hit (device, CPU
         blocks) and load, and this router's own accounting."""
         gpu, cpu = hit
+        reported = gpu + cpu
         predicted = self.accounting.predicted_hit(replica, block_hashes, now)
         if predicted > gpu + cpu:  # sent there moments ago: cached by the time it runs
             gpu, cpu = predicted, 0
@@ -347,15 +370,16 @@ class RoutingPolicy:
         age = None if load is None else now - load.at
         return ReplicaState(replica, gpu, cpu, self.accounting.inflight[replica],
                             self.accounting.queued(replica, load, now), adapter_cold, empty, age,
-                            self.accounting.history(replica, now))
+                            self.accounting.history(replica, now), reported)
 
     # -- cost ------------------------------------------------------------------------------
 
-    def own_tokens(self, prompt_tokens: int, s: ReplicaState, common: int = 0) -> float:
-        """The request's own prefill on ``s``, with ``common`` blocks not deciding."""
+    def own_tokens(self, prompt_tokens: int, s: ReplicaState, common: int = 0, remote: int = 0) -> float:
+        """The request's own prefill on ``s``, with ``common`` blocks not deciding and
+        ``remote`` blocks past its hit pulled from a peer."""
         c = self.config
         blocks = prompt_tokens / c.block_size
-        hit = min(s.gpu_hit + (1 - c.cpu_copy_cost) * s.cpu_hit, blocks)
+        hit = min(s.gpu_hit + (1 - c.cpu_copy_cost) * s.cpu_hit + (1 - c.remote_copy_cost) * remote, blocks)
         useful = max(0.0, hit - common)  # the common blocks count as cached everywhere
         return max(0.0, prompt_tokens - c.block_size * min(common, blocks) - c.hit_weight * c.block_size * useful)
 
@@ -374,8 +398,8 @@ class RoutingPolicy:
         new_blocks = -(-self.uncached_tokens(prompt_tokens, s) // bs)
         return self.config.evict_cost * bs * max(0, new_blocks - s.empty_blocks)
 
-    def cost(self, prompt_tokens: int, s: ReplicaState, common: int = 0) -> float:
-        return (self.own_tokens(prompt_tokens, s, common) + self.load_tokens(s)
+    def cost(self, prompt_tokens: int, s: ReplicaState, common: int = 0, remote: int = 0) -> float:
+        return (self.own_tokens(prompt_tokens, s, common, remote) + self.load_tokens(s)
                 + self.pressure_tokens(prompt_tokens, s)
                 + (self.config.adapter_load_tokens if s.adapter_cold else 0))
 
@@ -429,7 +453,8 @@ class RoutingPolicy:
         candidates = self.within_load_bound(fresh)
         common = self.common_blocks(candidates, block_hashes)
         self.popularity.add(block_hashes)
-        costs = {s.replica: self.cost(n, s, common) for s in states}
+        remote = self.remote_blocks(fresh, states)
+        costs = {s.replica: self.cost(n, s, common, remote[s.replica]) for s in states}
         best = min(costs[s.replica] for s in candidates)
         near = [s for s in candidates if costs[s.replica] <= best + self.config.tie_tokens]
         # near ties go by the prompt's first block no candidate holds (never by name): a new
@@ -441,6 +466,8 @@ class RoutingPolicy:
         if len(near) > 1:  # bounded-load rendezvous: skip the near ties that took more than their share
             over = self.over_share(candidates)
             near.sort(key=lambda s: s.replica in over)
+        if self.config.peer_kv:  # a pull prices holder and others close: of near ties, a longer own hit first
+            near.sort(key=lambda s: -max(0, s.gpu_hit + s.cpu_hit - common))  # (common ones never decide)
         top_hit = near[0].gpu_hit + near[0].cpu_hit
         reason = "affinity" if top_hit > common else "rendezvous"
         far = sorted((s for s in candidates if s not in near), key=lambda s: costs[s.replica])
@@ -450,6 +477,32 @@ class RoutingPolicy:
             return [Decision(s.replica, why, costs[s.replica], s.gpu_hit + s.cpu_hit) for s in ss]
         return (decide(near, reason) + decide(far, "affinity") + decide(over, "least_loaded")
                 + decide(stale, "stale"))
+
+    # -- peer KV ---------------------------------------------------------------------------
+
+    def remote_blocks(self, holders: list[ReplicaState], states: list[ReplicaState]) -> dict[str, int]:
+        """Per replica, the blocks past its own hit it could pull from the best other
+        holder (fresh replicas only: a silent one may be gone). 0 without peer KV."""
+        if not self.config.peer_kv or len(holders) < 2:
+            return {s.replica: 0 for s in states}
+        hits = sorted(((h.held, h.replica) for h in holders), reverse=True)
+        out = {}
+        for s in states:
+            best = next((n for n, r in hits if r != s.replica), 0)
+            out[s.replica] = max(0, best - s.gpu_hit - s.cpu_hit)
+        return out
+
+    def peer_hint(self, states: list[ReplicaState], chosen: str) -> tuple[str, int] | None:
+        """(holder, blocks) for the chosen replica to pull, when another fresh replica
+        holds at least pull_min_blocks more of the prompt; else None."""
+        if not self.config.peer_kv:
+            return None
+        fresh, _ = self.fresh(states)
+        mine = next((s.gpu_hit + s.cpu_hit for s in states if s.replica == chosen), 0)
+        best = max((s for s in fresh if s.replica != chosen), key=lambda s: s.held, default=None)
+        if best is None or best.held - mine < self.config.pull_min_blocks:
+            return None
+        return best.replica, best.held
 
     def route(self, key: str, states: list[ReplicaState], block_hashes: list[int], prompt_tokens: list[int],
               now: float) -> list[Decision]:

@@ -87,6 +87,7 @@ class CacheConfig:
     num_cpu_blocks: int | None = knob(None, "explicit CPU-tier size in blocks; wins over swap_space (default: from swap_space)")
     max_concurrent_pulls: int = knob(4, "peer KV: most prefixes fetched from other replicas at once")
     peer_pull_timeout_s: float = knob(10.0, "peer KV: a fetch slower than this (seconds) falls back to recompute")
+    peer_kv: bool = knob(True, "cluster replicas fetch a prefix cached on another replica instead of recomputing it (starts the cache queue without a CPU tier too)")
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),

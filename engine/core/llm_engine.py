@@ -43,6 +43,7 @@ class LLMEngine:
         self.launcher = launcher
         self.engine_id = engine_id or uuid.uuid4().hex[:12]
         self.dead: str | None = None  # set when the workers could not be restarted
+        self._peer_fetcher = peer_fetcher
         self.model_dir = resolve_model(config.model.model, config.model.cache_dir, config.model.revision)
         self.arch = load_arch_config(self.model_dir)
         self.tokenizer = load_tokenizer(config.model, self.model_dir)
@@ -89,7 +90,7 @@ class LLMEngine:
         if not num_cpu and self.config.scheduler.preemption_mode == "swap":  # before the workers allocate
             raise ValueError(f"preemption_mode='swap' needs a CPU tier, but swap_space = {cache.swap_space} GiB "
                              f"holds no {self.executor.block_bytes}-byte block")
-        if num_cpu:
+        if num_cpu or self._peer_fetcher is not None:  # peer KV moves bytes over the cache queue too
             self.transfers = CacheTransferClient(par.worker_host, par.cache_queue_port, par.tensor_parallel_size,
                                                  self.executor.auth, self.executor.epoch)
         address = self.transfers.address if self.transfers else ""

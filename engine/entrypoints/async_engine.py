@@ -23,8 +23,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixserve.engine.cache.peer import PeerHint
 from radixserve.engine.config import EngineConfig, ModelConfig
 from radixserve.engine.core.llm_engine import LLMEngine
+from radixserve.engine.core.peer_driver import PeerFetcher
 from radixserve.engine.entrypoints.llm import engine_config
 from radixserve.engine.entrypoints.outputs import RequestOutput
 from radixserve.engine.lora.request import LoRARequest
@@ -46,6 +48,7 @@ class _Add:
     namespace: tuple[str, ...]
     sink: Callable[[RequestOutput | BaseException], None]
     lora_request: LoRARequest | None = None
+    peer_hint: PeerHint | None = None
     accepted: Future = field(default_factory=Future)
 
 
@@ -58,7 +61,8 @@ class _Call:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, launcher=None, engine_id: str | None = None):
+    def __init__(self, config: EngineConfig, launcher=None, engine_id: str | None = None,
+                 peer_fetcher: PeerFetcher | None = None):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
@@ -71,7 +75,7 @@ class AsyncLLMEngine:
         # oversubscribe the cores (measured on 2 CPU cores: a smollm2 decode step 48-55 ms
         # instead of 30 ms).
         built: Future = Future()
-        self._thread = threading.Thread(target=self._run, args=(config, launcher, engine_id, built),
+        self._thread = threading.Thread(target=self._run, args=(config, launcher, engine_id, peer_fetcher, built),
                                         name="radixserve-engine", daemon=True)
         self._thread.start()
         built.result()  # re-raises what the construction raised
@@ -87,7 +91,8 @@ class AsyncLLMEngine:
     async def generate(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
                        namespace: Sequence[str] = (),
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                       lora_request: LoRARequest | None = None,
+                       peer_hint: PeerHint | None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative RequestOutputs until the request finishes.
 
         Raises ValueError before the first output for an invalid request (a bad
@@ -105,7 +110,8 @@ class AsyncLLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         add = _Add(rid, prompt, sampling_params or SamplingParams(**self.engine.default_sampling),
                    list(prompt_token_ids) if prompt_token_ids is not None else None,
-                   tuple(namespace), lambda item: loop.call_soon_threadsafe(q.put_nowait, item), lora_request)
+                   tuple(namespace), lambda item: loop.call_soon_threadsafe(q.put_nowait, item), lora_request,
+                   peer_hint)
         self._post(add)
         await asyncio.wrap_future(add.accepted)  # raises the engine's ValueError, if any
         finished = False
@@ -190,7 +196,7 @@ class AsyncLLMEngine:
                 try:
                     self.engine.add_request(item.request_id, item.prompt, item.params,
                                             item.prompt_token_ids, item.namespace,
-                                            lora_request=item.lora_request)
+                                            lora_request=item.lora_request, peer_hint=item.peer_hint)
                 except Exception as exc:
                     item.accepted.set_exception(exc)
                     continue
@@ -202,9 +208,10 @@ class AsyncLLMEngine:
                 except Exception as exc:
                     item.done.set_exception(exc)
 
-    def _run(self, config: EngineConfig, launcher, engine_id: str | None, built: Future) -> None:
+    def _run(self, config: EngineConfig, launcher, engine_id: str | None, peer_fetcher: PeerFetcher | None,
+             built: Future) -> None:
         try:
-            engine = LLMEngine(config, launcher=launcher, engine_id=engine_id)
+            engine = LLMEngine(config, launcher=launcher, engine_id=engine_id, peer_fetcher=peer_fetcher)
         except BaseException as exc:
             built.set_exception(exc)
             return

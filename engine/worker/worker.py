@@ -49,9 +49,10 @@ class Worker:
         return self.runner.block_bytes
 
     def init_cache(self, num_blocks: int, num_cpu_blocks: int = 0, cache_address: str = "") -> None:
-        """Allocate the device pool and, with a CPU tier, the host pool and its transfer thread."""
+        """Allocate the device pool and, with a CPU tier or peer KV (a cache queue address),
+        the host pool (maybe empty) and its transfer thread."""
         self.runner.allocate_kv_cache(num_blocks)
-        if num_cpu_blocks:
+        if num_cpu_blocks or cache_address:
             host = self.runner.allocate_host_pool(num_cpu_blocks)
             self.transfer = CacheTransferServer(self.spec.rank, cache_address, self.runner.kv_cache, host,
                                                 self.auth, self.epoch)

@@ -393,3 +393,35 @@ def test_autoscaling_up_and_down_under_load_without_failures(cluster):
     assert codes and all(code == 200 for code in codes), sorted(set(codes))
     serve.delete("autoscale")
     kill_metadata_actor("autoscale")
+
+
+def test_a_spilled_request_pulls_its_prefix_from_the_holder(cluster):
+    """Peer KV over Ray: a burst on one replica's cached prefix spills to the other with a
+    hint, and that replica fetches the blocks (a remote hit) instead of recomputing them."""
+    doc = "A long contract that one replica has read and the other has not, clause by clause. " * 8
+    c = client(cluster)
+    # both replicas report to the router (a replica that never did is not a candidate)
+    wait_for(lambda: c.get("/metrics", headers=AUTH).text.count("radixserve:num_requests_running{") >= 2)
+    home = complete(c, doc + "Summary?", max_tokens=1).headers["x-radixserve-replica"]
+    time.sleep(0.5)  # published and pulled by the router
+
+    async def go():
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as ac:
+            async def one(i):
+                r = await ac.post("/v1/completions", headers=AUTH, json={
+                    "model": "tiny-llama", "prompt": doc + f"Clause {i}?", "max_tokens": 100, "ignore_eos": True})
+                return r.headers["x-radixserve-replica"], r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            return await asyncio.gather(*(one(i) for i in range(8)))
+    spilled = [cached for replica, cached in asyncio.run(go()) if replica != home]
+    assert spilled and max(spilled) >= 16 * 8  # a hit on a replica that never computed the doc
+    other = next(r for r in ray_replicas(c) if r != home)
+
+    def remote_hits() -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in c.get("/metrics", headers=AUTH).text.splitlines()
+                   if line.startswith("radixserve:prefix_cache_remote_hits_tokens") and f'replica="{other}"' in line)
+    wait_for(lambda: remote_hits() >= 16 * 8)
+
+
+def ray_replicas(c: httpx.Client) -> set[str]:
+    return {line.split('replica="')[1].split('"')[0] for line in c.get("/metrics", headers=AUTH).text.splitlines()
+            if line.startswith("radixserve:num_requests_running{")}

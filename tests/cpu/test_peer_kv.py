@@ -104,3 +104,29 @@ def test_slow_pull_times_out_and_recomputes(tiny_dir):
     assert out.error is None and out.num_cached_tokens == 0
     assert b.engine.metrics.snapshot()["peer_pulls_failed"] == 1
     b.shutdown()
+
+
+def test_remote_hit_without_a_cpu_tier(tiny_dir):
+    """Peer KV needs no swap space: an engine given a fetcher starts the cache queue itself."""
+    from types import SimpleNamespace
+
+    from radixserve.engine.core.llm_engine import LLMEngine
+    from radixserve.engine.entrypoints.llm import engine_config
+
+    def build(fetch):
+        cfg = engine_config(str(tiny_dir), num_gpu_blocks=48, max_model_len=256, engine_worker_queue_port=0,
+                            cache_queue_port=0)
+        return SimpleNamespace(engine=LLMEngine(cfg, peer_fetcher=fetch))
+
+    def refuse(hint: PeerHint, hashes: list[int]) -> KVExport:
+        raise ConnectionError("A pulls from nobody")
+
+    a = build(refuse)
+    b = build(lambda hint, hashes: a.engine.export_kv(hashes))
+    assert a.engine.kv.cpu is None and b.engine.transfers is not None
+    local = run(a, DOC + "Question two?")
+    remote = run(b, DOC + "Question two?", PeerHint("a", 6))
+    assert remote.num_cached_tokens == 6 * 16 and remote.outputs[0].token_ids == local.outputs[0].token_ids
+    assert logprobs(remote) == pytest.approx(logprobs(local), abs=1e-5)
+    a.engine.shutdown()
+    b.engine.shutdown()

@@ -62,3 +62,24 @@ def test_lagged_view_sees_the_past():
     seen = rep.seen_at(1.45)
     assert seen <= 1.35 and rep.load(1.45).queued_tokens == (300 if seen >= 1.3 else 100)
     assert rep.load(10.0).queued_tokens == 300
+
+
+def test_peer_pulls_recover_what_round_robin_scatters(tmp_path):
+    rows = []
+    for i in range(235):  # as above, 47 conversations: round robin sends each turn elsewhere
+        conv, turn = i % 47, i // 47
+        ids = [1000 * conv + k for k in range(turn + 2)]
+        rows.append({"timestamp": i * 50, "input_length": 512 * len(ids), "output_length": 8, "hash_ids": ids})
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = SimConfig(replicas=4, blocks_per_replica=64, max_blocks=16, rate_per_replica=0)
+    reqs = load_trace(cfg, trace)
+    scattered = simulate(reqs, cfg, "round_robin")
+    pulled = simulate(reqs, cfg, "round_robin+pull")
+    assert scattered.remote_hit_rate == 0 and pulled.policy == "round_robin+pull"
+    # each turn lands on another replica than its predecessor; the pull brings the conversation
+    assert pulled.remote_hit_rate > 0.2 and pulled.hit_rate > 1.5 * scattered.hit_rate
+    assert pulled.hit_rate <= pulled.oracle_hit_rate + 1e-9
+    # and pricing pulls does not scatter what affinity keeps together (nor pin it all on one replica)
+    ours, ours_pull = simulate(reqs, cfg, "prefix_affinity"), simulate(reqs, cfg, "prefix_affinity+pull")
+    assert ours_pull.hit_rate >= 0.95 * ours.hit_rate and ours_pull.load_max_over_mean < 1.3

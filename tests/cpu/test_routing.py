@@ -359,3 +359,47 @@ def test_predictions_survive_a_shared_first_block():
     assert acct.predicted_hit("a", [1, 2, 3], 10.2) == 3
     assert acct.predicted_hit("b", [1, 7], 10.2) == 2
     assert acct.predicted_hit("b", [1, 2, 3], 10.2) == 1  # b holds the system block only
+
+
+def _peer_states(holder_inflight: int, *, reported: int = 8, holder_age: float = 0.05):
+    a = ReplicaState("a", 8, 0, holder_inflight, 0, empty_blocks=80, report_age_s=holder_age, reported_hit=reported)
+    b = ReplicaState("b", 0, 0, 0, 0, empty_blocks=96, report_age_s=0.05, reported_hit=0)
+    return [a, b]
+
+
+def test_peer_kv_spills_a_loaded_holder_with_a_pull_and_keeps_an_idle_one():
+    hashes, prompt = list(range(1, 10)), list(range(140))  # 8 cached blocks + a suffix
+    pol = RoutingPolicy(RouterConfig(peer_kv=True))
+    idle = _peer_states(0)
+    assert pol.choose(idle, hashes, prompt)[0].replica == "a"  # its own hit beats a pull
+    assert pol.peer_hint(idle, "a") is None
+    busy = _peer_states(1)  # one request decoding there: 64 tokens of load, a pull costs ~26
+    assert pol.choose(busy, hashes, prompt)[0].replica == "b"
+    assert pol.peer_hint(busy, "b") == ("a", 8)
+    # without peer KV the same load does not move it (recomputing 128 tokens costs more), and no hint
+    plain = RoutingPolicy(RouterConfig())
+    assert plain.choose(busy, hashes, prompt)[0].replica == "a" and plain.peer_hint(busy, "b") is None
+    # the pull is priced between a CPU-tier hit and a recompute: at cost 1 it is a recompute
+    assert RoutingPolicy(RouterConfig(peer_kv=True, remote_copy_cost=1.0)).choose(busy, hashes, prompt)[0].replica == "a"
+
+
+def test_peer_hints_name_only_reported_fresh_holders_worth_a_pull():
+    pol = RoutingPolicy(RouterConfig(peer_kv=True, pull_min_blocks=3))
+    # blocks the router only predicts (sent moments ago, not reported) cannot be exported yet
+    assert pol.peer_hint(_peer_states(1, reported=0), "b") is None
+    assert pol.remote_blocks(_peer_states(1, reported=0), _peer_states(1, reported=0))["b"] == 0
+    # a holder that stopped reporting may be gone
+    assert pol.peer_hint(_peer_states(1, holder_age=60.0), "b") is None
+    assert pol.peer_hint(_peer_states(1, reported=2), "b") is None  # 2 < pull_min_blocks
+    assert pol.peer_hint(_peer_states(1, reported=3), "b") == ("a", 3)
+
+
+def test_router_takes_peer_kv_from_the_engine_config():
+    from radixserve.engine.config import EngineConfig
+    assert RouterConfig.for_engine(EngineConfig.from_flat(model="tiny-llama")).peer_kv
+    assert not RouterConfig.for_engine(EngineConfig.from_flat(model="tiny-llama", peer_kv=False)).peer_kv
+    assert not RouterConfig.for_engine(EngineConfig.from_flat(model="tiny-llama", enable_prefix_caching=False)).peer_kv
+    with pytest.raises(ValueError, match="peer_kv"):
+        RouterConfig.for_engine(EngineConfig.from_flat(model="tiny-llama"), peer_kv=False)
+    with pytest.raises(ValueError, match="remote_copy_cost"):
+        RouterConfig(remote_copy_cost=1.5)
