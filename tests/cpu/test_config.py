@@ -27,7 +27,7 @@ OTHER = {
     "tokenizer": "tiny-llama", "revision": "v1", "chat_template": "{{ messages }}", "generation_config": "vllm",
     "cpu_linear": "dense",
     "block_size": 8, "enable_prefix_caching": False, "num_gpu_blocks": 10, "gpu_memory_utilization": 0.5,
-    "kv_cache_gib": 1.5, "swap_space": 2.0, "num_cpu_blocks": 5, "max_concurrent_pulls": 2, "peer_pull_timeout_s": 3.0,
+    "kv_cache_gib": 1.5, "swap_space": 2.0, "num_cpu_blocks": 5, "max_concurrent_pulls": 2, "peer_pull_timeout_s": 3.0, "peer_kv": False,
     "max_num_seqs": 3, "max_num_batched_tokens": 512, "enable_chunked_prefill": False,
     "preemption_mode": "recompute",
     "tensor_parallel_size": 2, "engine_worker_queue_port": 0, "cache_queue_port": 0, "worker_host": "0.0.0.0",
