@@ -218,7 +218,8 @@ class LLMServer:
         bytes (msgpack). ``target`` is the replica the caller meant (our router routes the
         call there by it); copied between two engine steps, pinned meanwhile."""
         if target != self.replica_id:
-            raise ValueError(f"peer KV export for replica {target} reached {self.replica_id}")
+            raise LookupError(f"peer KV export for replica {target} reached {self.replica_id}: "
+                              f"{target} is not a running replica")
         req = decode_export_request(payload)
         export = await self.engine.call(lambda e: e.export_kv(req.block_hashes))
         return encode_export(export)

@@ -93,7 +93,9 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if pending_request is not None and pending_request.metadata.call_method == "export_kv":
             # peer KV: a replica asks the holder by name (LLMServer.export_kv's first argument)
             target = [r for r in candidate_replicas if r.replica_id.unique_id == pending_request.args[0]]
-            return [target] if target else []  # gone: the caller's timeout ends the wait
+            # gone: any replica refuses an export meant for another at once, so the puller
+            # recomputes now rather than at its timeout
+            return [target or candidate_replicas[:1]] if candidate_replicas else []
         self._ensure_sync()
         routable = (pending_request is not None and pending_request.args
                     and isinstance(pending_request.args[0], bytes))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Collection
 
@@ -67,7 +68,9 @@ def tensor_from_kv(kv: RankKV) -> torch.Tensor:
     dtype = getattr(torch, kv.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown KV dtype {kv.dtype!r}")
-    raw = torch.frombuffer(bytearray(kv.data), dtype=torch.uint8)
+    with warnings.catch_warnings():  # read only (copied into a pool): no writable copy of tens of MB
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        raw = torch.frombuffer(kv.data, dtype=torch.uint8)
     return raw.view(dtype).reshape(kv.shape)
 
 
@@ -234,8 +237,10 @@ class CacheTransferServer:
     def _export(self, gpu: torch.Tensor, cpu: torch.Tensor) -> RankKV:
         """Copy pinned blocks out (device ones, then CPU-tier ones: a chain's order);
         reads only, so requests running on the device pool are not disturbed."""
-        parts = [self.device_pool[:, :, gpu].cpu(), self.host_pool[:, :, cpu]]
-        out = torch.cat(parts, dim=2)  # [layers, 2, n, block_size, kv_heads, head_dim]
+        parts = [p for p in (self.device_pool[:, :, gpu].cpu() if len(gpu) else None,
+                             self.host_pool[:, :, cpu] if len(cpu) else None) if p is not None]
+        # [layers, 2, n, block_size, kv_heads, head_dim]; one part needs no second copy
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return kv_from_tensor(self.rank, out)
 
     def _import(self, task: TransferTask, gpu: torch.Tensor) -> None:

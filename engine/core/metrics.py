@@ -213,7 +213,8 @@ class StatsLogger:
                 f"Running: {cur['num_requests_running']:.0f} reqs, Waiting: {cur['num_requests_waiting']:.0f} reqs, "
                 f"KV cache usage: {100 * cur['kv_cache_usage_perc']:.1f}%, "
                 f"Prefix cache hit rate: {pct('prefix_cache_hits_tokens'):.1f}% "
-                f"(GPU {pct('prefix_cache_gpu_hits_tokens'):.1f}%, CPU {pct('prefix_cache_cpu_hits_tokens'):.1f}%)")
+                f"(GPU {pct('prefix_cache_gpu_hits_tokens'):.1f}%, CPU {pct('prefix_cache_cpu_hits_tokens'):.1f}%, "
+                f"peer {pct('prefix_cache_remote_hits_tokens'):.1f}%)")
         self._last_t, self._last = now, cur
         self.log.info(line)
         return line

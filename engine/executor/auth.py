@@ -55,9 +55,15 @@ class FrameAuth:
     def from_hex(cls, key: str) -> FrameAuth:
         return cls(bytes.fromhex(key))
 
+    def _tag(self, e: bytes, payload: bytes) -> bytes:
+        # fed in two parts: ``e + payload`` would copy a peer-KV payload (tens of MB) once more
+        mac = hmac.new(self.key, e, hashlib.sha256)
+        mac.update(payload)
+        return mac.digest()
+
     def sign(self, epoch: int, payload: bytes) -> list[bytes]:
         e = epoch.to_bytes(_EPOCH_BYTES, "big")
-        return [hmac.new(self.key, e + payload, hashlib.sha256).digest(), e, payload]
+        return [self._tag(e, payload), e, payload]
 
     def open(self, parts: list[bytes], epoch: int, where: str) -> bytes | None:
         """The payload of a well-signed frame of ``epoch``; None (dropped, logged) otherwise."""
@@ -75,7 +81,7 @@ class FrameAuth:
             self._refuse(where, f"a frame of {len(parts)} part(s), not [tag, epoch, payload]")
             return None
         tag, e, payload = parts
-        if not hmac.compare_digest(tag, hmac.new(self.key, e + payload, hashlib.sha256).digest()):
+        if not hmac.compare_digest(tag, self._tag(e, payload)):
             self._refuse(where, "a frame with a bad tag")
             return None
         return Frame(int.from_bytes(e, "big"), payload)

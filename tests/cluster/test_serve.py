@@ -420,6 +420,16 @@ def test_a_spilled_request_pulls_its_prefix_from_the_holder(cluster):
         return sum(float(line.rsplit(" ", 1)[1]) for line in c.get("/metrics", headers=AUTH).text.splitlines()
                    if line.startswith("radixserve:prefix_cache_remote_hits_tokens") and f'replica="{other}"' in line)
     wait_for(lambda: remote_hits() >= 16 * 8)
+    # a pull naming a replica that is gone fails at once (the puller recomputes), not at its timeout
+    from radixserve.cluster.replica_wire import ExportRequest, encode_export_request
+    t = time.monotonic()
+    try:
+        cluster.handle.export_kv.remote("no-such-replica", encode_export_request(ExportRequest("x", [1]))).result(
+            timeout_s=30)
+        raise AssertionError("an export from a missing replica succeeded")
+    except Exception as exc:
+        assert "no-such-replica" in str(exc), exc
+    assert time.monotonic() - t < 5
 
 
 def ray_replicas(c: httpx.Client) -> set[str]:
