@@ -41,7 +41,7 @@ p50/p99 under the service model.
         # the live replay's shape (bench_router --trace): closed loop, prefill only, 2048-token context
     python -m radixserve.benchmarks.router_sim --router queue_weight=1.0 --no-write   # try a RouterConfig knob
     python -m radixserve.benchmarks.router_sim --replicas 4,8 --blocks-per-replica 256 --max-blocks 64 \
-        --policies prefix_affinity,prefix_affinity+pull,round_robin,round_robin+pull   # peer KV pulls vs none
+        --policies prefix_affinity+nopull,prefix_affinity,round_robin+nopull,round_robin   # peer KV pulls vs none
 
 How the RouterConfig defaults were tuned (not on the figures reported): each
 candidate ran on the trace's two halves separately at 2.5 and 3.5 requests/s
@@ -97,7 +97,7 @@ class SimConfig:
     # peer KV: the router hints the holder and the chosen replica pulls what the holder still has
     # at admission; a pulled token is charged this share of a computed one on the puller (the
     # live pull waits off the engine's step, so this is conservative; bench_peer_kv: ~0.13)
-    peer_kv: bool = False
+    peer_kv: bool = True  # as the cluster's default (cache.peer_kv); "<policy>+nopull" turns it off
     pull_cost: float = 0.15
     seed: int = 0
 
@@ -365,10 +365,11 @@ def oracle_hit_rate(reqs: list[SimRequest], cfg: SimConfig) -> float:
 
 def simulate(reqs: list[SimRequest], cfg: SimConfig, policy: str, router: dict[str, Any] | None = None,
              oracle: float | None = None) -> SimResult:
-    """One policy over the requests; "<policy>+pull" runs it with peer KV pulls."""
-    if policy.endswith("+pull"):
-        res = simulate(reqs, replace(cfg, peer_kv=True), policy.removesuffix("+pull"), router, oracle)
-        return replace(res, policy=policy)
+    """One policy over the requests; "<policy>+pull" / "<policy>+nopull" with peer KV pulls on / off."""
+    for suffix, on in (("+pull", True), ("+nopull", False)):
+        if policy.endswith(suffix):
+            res = simulate(reqs, replace(cfg, peer_kv=on), policy.removesuffix(suffix), router, oracle)
+            return replace(res, policy=policy)
     rcfg = RouterConfig(policy=policy if policy != "pow2" else "prefix_affinity", block_size=cfg.block_size,
                         step_tokens=cfg.step_tokens, **{"peer_kv": cfg.peer_kv, **(router or {})})
     pol = RoutingPolicy(rcfg)
@@ -579,14 +580,14 @@ def summarize(grid: dict) -> dict[str, float]:
     s: dict[str, float] = {}
     for wl, by_n in grid.items():
         for n, by_p in by_n.items():
-            ours = by_p.get("prefix_affinity")
-            pulled = by_p.get("prefix_affinity+pull")
-            if ours and pulled:
-                s[f"{wl}_n{n}_pull_hit_over_oracle"] = round(pulled["hit_over_oracle"], 3)
-                s[f"{wl}_n{n}_pull_hit_over_no_pull"] = round(pulled["hit_rate"] / max(1e-9, ours["hit_rate"]), 3)
-                s[f"{wl}_n{n}_pull_load_max_over_mean"] = round(pulled["load_max_over_mean"], 3)
-                s[f"{wl}_n{n}_pull_ttft_p99_over_no_pull"] = round(
-                    pulled["ttft_p99_s"] / max(1e-9, ours["ttft_p99_s"]), 3)
+            ours = by_p.get("prefix_affinity", by_p.get("prefix_affinity+pull"))
+            nopull = by_p.get("prefix_affinity+nopull")
+            if ours and nopull:  # peer KV pulls (the default) against none
+                s[f"{wl}_n{n}_nopull_hit_over_oracle"] = round(nopull["hit_over_oracle"], 3)
+                s[f"{wl}_n{n}_pull_hit_over_nopull"] = round(ours["hit_rate"] / max(1e-9, nopull["hit_rate"]), 3)
+                s[f"{wl}_n{n}_nopull_load_max_over_mean"] = round(nopull["load_max_over_mean"], 3)
+                s[f"{wl}_n{n}_pull_ttft_p99_over_nopull"] = round(
+                    ours["ttft_p99_s"] / max(1e-9, nopull["ttft_p99_s"]), 3)
             if not ours:
                 continue
             s[f"{wl}_n{n}_hit_over_oracle"] = round(ours["hit_over_oracle"], 3)
@@ -676,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_write:
         suite = ("router-trace" if workloads == ["trace"] else "router-workloads") + \
             ("-closed" if any(concurrency) else "") + \
-            ("-pull" if base.peer_kv or any(p.endswith("+pull") for p in args.policies.split(",")) else "")
+            ("-pull" if any(p.endswith("pull") for p in args.policies.split(",")) else "")
         path = write_result(suite, {**asdict(base), "router": asdict(RouterConfig(**_router_overrides(args.router))),
                                     "workloads": workloads}, grid, summary,
                             Path(args.out_dir) if args.out_dir else None,

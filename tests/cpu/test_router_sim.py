@@ -74,12 +74,12 @@ def test_peer_pulls_recover_what_round_robin_scatters(tmp_path):
     trace.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = SimConfig(replicas=4, blocks_per_replica=64, max_blocks=16, rate_per_replica=0)
     reqs = load_trace(cfg, trace)
-    scattered = simulate(reqs, cfg, "round_robin")
+    scattered = simulate(reqs, cfg, "round_robin+nopull")
     pulled = simulate(reqs, cfg, "round_robin+pull")
     assert scattered.remote_hit_rate == 0 and pulled.policy == "round_robin+pull"
     # each turn lands on another replica than its predecessor; the pull brings the conversation
     assert pulled.remote_hit_rate > 0.2 and pulled.hit_rate > 1.5 * scattered.hit_rate
     assert pulled.hit_rate <= pulled.oracle_hit_rate + 1e-9
     # and pricing pulls does not scatter what affinity keeps together (nor pin it all on one replica)
-    ours, ours_pull = simulate(reqs, cfg, "prefix_affinity"), simulate(reqs, cfg, "prefix_affinity+pull")
+    ours, ours_pull = simulate(reqs, cfg, "prefix_affinity+nopull"), simulate(reqs, cfg, "prefix_affinity")
     assert ours_pull.hit_rate >= 0.95 * ours.hit_rate and ours_pull.load_max_over_mean < 1.3
