@@ -278,7 +278,9 @@ class LLMEngine:
         updated = self.scheduler.update(so, result)
         self.structured.accept(updated, self.scheduler.finish_seq)
         outputs = failed + self.outputs.process(updated, result.prompt_logprobs)
-        self._record_step(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._record_step(seconds)
+        self.peer.estimate.note_step(seconds, sum(len(s.token_ids) for s in so.seqs if len(s.token_ids) > 1))
         self.stats_logger.maybe_log()
         return outputs
 

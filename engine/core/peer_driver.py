@@ -28,6 +28,52 @@ PeerFetcher = Callable[[PeerHint, list[int]], KVExport]
 _TASK_IDS = 1 << 40  # cache-queue task ids of peer tasks: apart from the CPU tier's
 
 
+class PullEstimate:
+    """Whether pulling n blocks beats recomputing them on this engine, from what it measured:
+    pull time as ``a + b * n`` (least squares over recent pulls: a call's fixed cost, then
+    bytes) against prefill seconds per token (prefill-heavy steps). Where compute is nearly
+    free (a toy model) the fixed cost of a remote call loses; on a real model the pull wins.
+    Until both are measured it pulls; when it declines, every ``EXPLORE``-th candidate pulls
+    anyway, so a change (a faster link, a busier engine) is seen."""
+
+    DECAY = 0.9      # weight of older observations, per new one
+    EXPLORE = 16
+    MIN_PREFILL = 64  # prompt tokens in a step for it to count as prefill-heavy
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.sums = [0.0] * 5  # decayed sum of w, n, t, n*n, n*t
+        self.token_s: float | None = None
+        self.declined = 0
+
+    def note_step(self, seconds: float, prefill_tokens: int) -> None:
+        if prefill_tokens >= self.MIN_PREFILL:
+            per = seconds / prefill_tokens
+            self.token_s = per if self.token_s is None else 0.8 * self.token_s + 0.2 * per
+
+    def note_pull(self, seconds: float, blocks: int) -> None:
+        self.sums = [self.DECAY * x + v for x, v in zip(self.sums, (1.0, blocks, seconds, blocks * blocks,
+                                                                     blocks * seconds))]
+
+    def pull_s(self, blocks: int) -> float | None:
+        w, n, t, nn, nt = self.sums
+        if w == 0:
+            return None
+        var = nn / w - (n / w) ** 2
+        slope = max(0.0, (nt / w - n * t / w / w) / var) if var > 1e-9 else 0.0
+        fixed = max(0.0, t / w - slope * n / w)
+        if var <= 1e-9:  # one size seen so far: scale it (no fixed part known)
+            slope, fixed = t / max(n, 1e-9), 0.0
+        return fixed + slope * blocks
+
+    def worth(self, blocks: int) -> bool:
+        est = self.pull_s(blocks)
+        if est is None or self.token_s is None or est <= self.token_s * blocks * self.block_size:
+            return True
+        self.declined += 1
+        return self.declined % self.EXPLORE == 0
+
+
 class PeerDriver:
     def __init__(self, engine: LLMEngine, fetcher: PeerFetcher | None):
         self.engine = engine
@@ -37,8 +83,11 @@ class PeerDriver:
         self.writing: dict[int, tuple[Pull, int]] = {}  # task id -> (pull, blocks written)
         self.early: list[TransferDone] = []  # other tasks' acks an export's wait took
         self._ids = itertools.count(_TASK_IDS)
+        self.started_at: dict[int, float] = {}  # pull id -> when its fetch started
+        self.estimate = PullEstimate(engine.block_size)
         engine.scheduler.peer_enabled = fetcher is not None and engine.transfers is not None
         engine.scheduler.pull_timeout_s = engine.config.cache.peer_pull_timeout_s
+        engine.scheduler.pull_worth = self.estimate.worth
 
     # -- the holder side ----------------------------------------------------------------------
 
@@ -69,6 +118,7 @@ class PeerDriver:
     def start(self) -> None:
         for p in self.engine.kv.peer.take_started():
             assert self.fetcher is not None
+            self.started_at[p.pull_id] = time.monotonic()
             self.fetching[p.pull_id] = (p, self.pool.submit(self.fetcher, p.hint, list(p.block_hashes)))
 
     def poll(self) -> None:
@@ -122,10 +172,14 @@ class PeerDriver:
         return True
 
     def _end(self, p: Pull, num_in: int) -> None:
+        started = self.started_at.pop(p.pull_id, None)
+        if num_in and started is not None:
+            self.estimate.note_pull(time.monotonic() - started, num_in)
         self.engine.scheduler.finish_pull(p, num_in)
         self.engine.metrics.inc("peer_pulls_ok" if num_in else "peer_pulls_failed")
 
     def reset(self) -> None:
+        self.started_at.clear()
         self.fetching.clear()
         self.writing.clear()
         self.early.clear()

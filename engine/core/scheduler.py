@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from radixserve.engine.cache.cpu_tier import Transfer
@@ -73,6 +74,7 @@ class Scheduler:
         self._pending_copies: list[tuple[int, int]] = []
         self.swapping: dict[int, Sequence] = {}  # seq id -> sequence waiting for its swap-in (or peer pull)
         self.peer_enabled = False  # the engine sets it when it can import (a cache queue and a fetcher)
+        self.pull_worth: Callable[[int], bool] = lambda blocks: True  # the engine's PullEstimate.worth
         self.pull_timeout_s = 10.0
 
     # -- requests ----------------------------------------------------------
@@ -283,7 +285,7 @@ class Scheduler:
             return 0
         max_blocks = (seq.num_tokens - 1) // self.kv.block_size  # the last token is always computed
         count = min(hint.num_blocks, max_blocks) - hit_blocks
-        return count if count > 0 and self.kv.peer.can_pull() else 0
+        return count if count > 0 and self.kv.peer.can_pull() and self.pull_worth(count) else 0
 
     def finish_pull(self, pull: Pull, num_in: int) -> None:
         """A pull ended with its first ``num_in`` blocks written (0: failed). The

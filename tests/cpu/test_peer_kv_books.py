@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -132,3 +133,22 @@ def test_peer_kv_machine():
         max_examples=150, stateful_step_count=40, deadline=None, derandomize=True, database=None,
         suppress_health_check=[HealthCheck.too_slow]))
     assert PeerMachine.imported > 0, "no pull ever brought blocks in"
+
+
+def test_pull_estimate_pulls_only_where_it_beats_recomputing():
+    from radixserve.engine.core.peer_driver import PullEstimate
+    e = PullEstimate(16)
+    assert e.worth(8)  # nothing measured yet: pull
+    e.note_pull(0.05, 4)
+    e.note_pull(0.06, 8)  # a call's fixed ~40 ms, then 2.5 ms per block
+    assert e.pull_s(8) == pytest.approx(0.06, rel=0.05) and e.pull_s(40) == pytest.approx(0.14, rel=0.05)
+    e.note_step(1.0, 1000)  # 1 ms per prompt token: 8 blocks recompute in 128 ms, pull in 60
+    assert e.worth(8)
+    small = PullEstimate(16)
+    small.note_pull(0.05, 4)
+    small.note_pull(0.06, 8)
+    small.note_step(0.01, 1000)  # a toy model: 8 blocks recompute in 1.3 ms
+    tries = [small.worth(8) for _ in range(2 * PullEstimate.EXPLORE)]
+    assert tries.count(True) == 2  # declined, but tried again now and then
+    small.note_step(0.01, 10)  # a decode step says nothing about prefill cost
+    assert small.token_s == pytest.approx(1e-5)
