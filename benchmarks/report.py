@@ -171,6 +171,13 @@ KEY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
     ("router-trace-tiny-llama", "c4_affinity_hit_over_oracle", "the same, 4 clients: hit rate / oracle", ">= 0.95"),
     ("router-trace-tiny-llama", "c1_affinity_ttft_p50_over_pow2", "the same, 1 client: TTFT p50 affinity / pow2",
      "< 1"),
+    ("peer_kv-cluster", "pull_speedup_vs_recompute", "hot-prefix spill over Ray Serve, small-llama, 2048-token "
+     "prefix: spilled request's TTFT recomputing / pulling from the holder", ">= 5"),
+    ("peer_kv", "pull_speedup_vs_recompute", "the same, both engines in one process (engine side only)", ">= 5"),
+    ("router-trace-pull", "trace_n4_pull_hit_over_nopull", "simulator, Mooncake trace, 4 replicas of 256 blocks, "
+     "3.5 req/s each: hit rate with peer pulls / without", ""),
+    ("router-trace-pull", "trace_n4_hit_over_oracle", "the same, with pulls: hit rate / one-cache oracle", ""),
+    ("router-trace-pull", "trace_n4_nopull_hit_over_oracle", "the same, without pulls: hit rate / oracle", ""),
     ("lora", "lora_overhead", "LoRA path (1 adapter) / base model time - 1, cache off", ""),
     ("lora", "k16_cache_speedup", "16 adapters: time cache off / on", ""),
 )

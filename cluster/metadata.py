@@ -120,14 +120,16 @@ class CacheDirectory:
     def push(self, replica: str, batch: EventBatch, metrics_text: str = "",
              load: tuple = (0, 0.0)) -> bool:
         """Apply a batch; False means "send a snapshot" (gap, or unknown replica).
-        ``load``: (queued prompt tokens, wall-clock time[, free blocks, pool blocks])."""
+        ``load``: (queued prompt tokens, wall-clock time[, free blocks, pool blocks[, pull
+        fixed tokens, pull tokens per block]])."""
         st = self.replicas.get(replica)
         if st is None:
             return False
         st.last_seen = time.monotonic()
         q, at, *pool = load
-        free, total = (int(pool[0]), int(pool[1])) if len(pool) == 2 else (-1, -1)
-        self.loads[replica] = LoadReport(int(q), float(at), free, total)
+        free, total = (int(pool[0]), int(pool[1])) if len(pool) >= 2 else (-1, -1)
+        fixed, per_block = (float(pool[2]), float(pool[3])) if len(pool) >= 4 else (-1.0, -1.0)
+        self.loads[replica] = LoadReport(int(q), float(at), free, total, fixed, per_block)
         if metrics_text:
             st.metrics_text = metrics_text
         if not batch.events:

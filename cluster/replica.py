@@ -149,7 +149,8 @@ class LLMServer:
             try:
                 batch, load = await self.engine.call(  # wall clock: routers compare it across nodes
                     lambda e: (e.events.drain(), (e.scheduler.pending_prefill_tokens(), time.time(),
-                                                   e.kv.num_free_blocks, e.kv.num_blocks)))
+                                                   e.kv.num_free_blocks, e.kv.num_blocks,
+                                                   *e.peer.estimate.in_tokens())))
                 text = self.engine.engine.metrics.render()
                 ok = await _bounded(self.metadata.push.remote(self.replica_id, encode_batch(batch), text, load))
                 if not ok:  # the actor missed events, restarted, or never met us: send the whole state

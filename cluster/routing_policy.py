@@ -7,13 +7,15 @@ prefill work, so every term compares with every other):
 
     own(r)      = prompt_tokens - bs * common
                   - hit_weight * bs * (gpu_hit(r) + (1 - cpu_copy_cost) * cpu_hit(r)
-                                       + (1 - remote_copy_cost) * remote_hit(r) - common)
+                                       + remote_hit(r) - pull(r) / bs - common)
                   the request's own prefill there. ``remote_hit(r)``: with peer KV, the
                   blocks past r's own hit that another (fresh) replica holds, which r
-                  pulls instead of computing (at remote_copy_cost of a recompute: the
-                  transfer's bytes over its measured rate). So a loaded holder's
-                  prefix spills with a pull, and an idle holder still wins its repeats.
-                  ``common`` leading blocks do not
+                  pulls instead of computing; ``pull(r)`` what that costs r in its own
+                  prefill tokens, as r measured it (a fixed cost per pull plus one per
+                  block, capped at recomputing: r recomputes when a pull would be
+                  slower), or remote_copy_cost of a recompute until r has measured. So
+                  a loaded holder's prefix spills with a pull where pulls pay, and an
+                  idle holder still wins its repeats. ``common`` leading blocks do not
                   decide placement: the prefix every candidate holds, and blocks so
                   popular (a system prompt in >= common_share of recent requests) that
                   every replica keeps them anyway. Without that, the first replica to
@@ -82,8 +84,8 @@ class RouterConfig:
     hit_weight: float = 1.0          # cost saved per cached (non-common) prompt token
     cpu_copy_cost: float = 0.1       # a CPU-tier hit costs 10% of recomputing the block
     peer_kv: bool = False            # replicas pull prefixes from each other (the engine's cache.peer_kv)
-    # a block pulled from a peer, against recomputing it: bench_peer_kv measured pull 7.9x faster
-    # than recompute on small-llama CPU (0.13); rounded up for the call's fixed cost
+    # a block pulled from a peer, against recomputing it, until the replica reports its own measure:
+    # bench_peer_kv_cluster measured 0.64 s pulled vs 3.27 s recomputed (2048 tokens, small-llama, CPU)
     remote_copy_cost: float = 0.2
     pull_min_blocks: int = 2         # a peer hint is sent only for at least this many more blocks
     # cost per prompt token queued ahead on the replica; below 1 because the replica counts a
@@ -152,6 +154,7 @@ class ReplicaState:
     report_age_s: float | None = None  # age of its last load report (None: never reported)
     history: float = 0.0  # requests routed there lately (Accounting.history)
     reported_hit: int | None = None  # blocks its own report says it holds (None: gpu_hit + cpu_hit)
+    pull_cost: tuple[float, float] = (-1.0, -1.0)  # its LoadReport's (pull_fixed_tokens, pull_block_tokens)
 
     @property
     def held(self) -> int:
@@ -167,6 +170,10 @@ class LoadReport:
     at: float            # wall-clock time the report was taken
     free_blocks: int = -1  # device blocks an allocation can take (-1: not reported)
     num_blocks: int = -1   # device pool size (-1: not reported)
+    # what a peer pull costs this replica, measured by it (PullEstimate), in its own prefill
+    # tokens: fixed per pull, then per block (-1: not measured yet)
+    pull_fixed_tokens: float = -1.0
+    pull_block_tokens: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -370,7 +377,8 @@ class RoutingPolicy:
         age = None if load is None else now - load.at
         return ReplicaState(replica, gpu, cpu, self.accounting.inflight[replica],
                             self.accounting.queued(replica, load, now), adapter_cold, empty, age,
-                            self.accounting.history(replica, now), reported)
+                            self.accounting.history(replica, now), reported,
+                            (load.pull_fixed_tokens, load.pull_block_tokens) if load is not None else (-1.0, -1.0))
 
     # -- cost ------------------------------------------------------------------------------
 
@@ -379,9 +387,22 @@ class RoutingPolicy:
         ``remote`` blocks past its hit pulled from a peer."""
         c = self.config
         blocks = prompt_tokens / c.block_size
-        hit = min(s.gpu_hit + (1 - c.cpu_copy_cost) * s.cpu_hit + (1 - c.remote_copy_cost) * remote, blocks)
+        hit = min(s.gpu_hit + (1 - c.cpu_copy_cost) * s.cpu_hit + remote - self.pull_tokens(s, remote) / c.block_size,
+                  blocks)
         useful = max(0.0, hit - common)  # the common blocks count as cached everywhere
         return max(0.0, prompt_tokens - c.block_size * min(common, blocks) - c.hit_weight * c.block_size * useful)
+
+    def pull_tokens(self, s: ReplicaState, remote: int) -> float:
+        """What pulling ``remote`` blocks costs on ``s``, in prompt tokens: its own measured
+        fixed + per-block cost where it reported one (never above recomputing them: it
+        recomputes instead), else remote_copy_cost of a recompute."""
+        if remote <= 0:
+            return 0.0
+        recompute = remote * self.config.block_size
+        fixed, per_block = s.pull_cost
+        if fixed < 0 or per_block < 0:
+            return self.config.remote_copy_cost * recompute
+        return min(recompute, fixed + per_block * remote)
 
     def uncached_tokens(self, prompt_tokens: int, s: ReplicaState) -> int:
         """Prompt tokens ``s`` will compute (its queued work once routed there)."""

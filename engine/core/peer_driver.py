@@ -66,6 +66,15 @@ class PullEstimate:
             slope, fixed = t / max(n, 1e-9), 0.0
         return fixed + slope * blocks
 
+    def in_tokens(self) -> tuple[float, float]:
+        """(fixed, per block) cost of a pull in this engine's prefill tokens; (-1, -1) until
+        measured. The router prices a remote hit with it."""
+        one, two = self.pull_s(1), self.pull_s(2)
+        if one is None or self.token_s is None:
+            return -1.0, -1.0
+        per_block = max(0.0, two - one)
+        return max(0.0, one - per_block) / self.token_s, per_block / self.token_s
+
     def worth(self, blocks: int) -> bool:
         est = self.pull_s(blocks)
         if est is None or self.token_s is None or est <= self.token_s * blocks * self.block_size:

@@ -403,3 +403,26 @@ def test_router_takes_peer_kv_from_the_engine_config():
         RouterConfig.for_engine(EngineConfig.from_flat(model="tiny-llama"), peer_kv=False)
     with pytest.raises(ValueError, match="remote_copy_cost"):
         RouterConfig(remote_copy_cost=1.5)
+
+
+def test_a_remote_hit_is_priced_by_what_the_replica_measured():
+    hashes, prompt = list(range(1, 10)), list(range(140))
+    pol = RoutingPolicy(RouterConfig(peer_kv=True))
+    a, b = _peer_states(1)
+    cheap = replace(b, pull_cost=(10.0, 1.0))     # 10 tokens per call + 1 per block: pull 8 blocks for 18
+    dear = replace(b, pull_cost=(400.0, 16.0))    # slower than recomputing: priced as a recompute
+    assert pol.pull_tokens(cheap, 8) == 18 and pol.pull_tokens(dear, 8) == 8 * 16
+    assert pol.pull_tokens(b, 8) == pytest.approx(0.2 * 8 * 16)  # not measured yet: the default share
+    assert pol.choose([a, cheap], hashes, prompt)[0].replica == "b"
+    assert pol.choose([a, dear], hashes, prompt)[0].replica == "a"  # recomputing there loses to waiting
+
+
+def test_pull_estimate_in_router_tokens():
+    from radixserve.engine.core.peer_driver import PullEstimate
+    e = PullEstimate(16)
+    assert e.in_tokens() == (-1.0, -1.0)
+    e.note_pull(0.05, 4)
+    e.note_pull(0.06, 8)
+    e.note_step(1.0, 1000)  # 1 ms per token: 40 ms fixed = 40 tokens, 2.5 ms per block = 2.5 tokens
+    fixed, per_block = e.in_tokens()
+    assert fixed == pytest.approx(40, rel=0.05) and per_block == pytest.approx(2.5, rel=0.05)
