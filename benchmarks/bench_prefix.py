@@ -18,6 +18,7 @@ figure from a loaded machine shows as such. Where time goes on a hit: profile_hi
 
     python -m radixserve.benchmarks.bench_prefix                  # full size on small-llama
     python -m radixserve.benchmarks.bench_prefix --quick          # seconds, on tiny-llama (smoke test)
+    python -m radixserve.benchmarks.bench_prefix --dtype bfloat16 # both sides in bf16 (AMX CPUs)
 """
 from __future__ import annotations
 
@@ -46,9 +47,13 @@ from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.model.default_models import resolve_model
 
 
+_DTYPE_LABEL = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 @dataclass(frozen=True)
 class PrefixBenchConfig:
     model: str = "small-llama"
+    dtype: str = "float32"  # of the engine and of transformers alike
     repeats: int = 5
     prefill_len: int = 2048
     hit_prefix_len: int = 2048
@@ -73,6 +78,10 @@ class PrefixBenchConfig:
     max_num_seqs: int = 32
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPE_LABEL:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPE_LABEL)}, got {self.dtype!r}")
+
 
 QUICK = PrefixBenchConfig(model="tiny-llama", repeats=2, prefill_len=256, hit_prefix_len=256, hit_suffix_len=16,
                           shared_groups=2, shared_questions=4, shared_prefix_len=128, shared_suffix_len=16,
@@ -88,7 +97,7 @@ class Bench:
         self.rng = random.Random(cfg.seed)
         self.model_dir = resolve_model(cfg.model, cache_dir)
         max_len = max(cfg.prefill_len, cfg.hit_prefix_len + cfg.hit_suffix_len) + 64
-        common = dict(max_model_len=max(max_len, 1024), max_num_seqs=cfg.max_num_seqs)
+        common = dict(max_model_len=max(max_len, 1024), max_num_seqs=cfg.max_num_seqs, dtype=cfg.dtype)
         self.on = LLM(str(self.model_dir), enable_prefix_caching=True, **common)
         self.off = LLM(str(self.model_dir), enable_prefix_caching=False, **common)
         self.vocab = self.on.engine.arch.vocab_size
@@ -98,7 +107,7 @@ class Bench:
     def hf(self):
         if self._hf is None:
             from transformers import AutoModelForCausalLM
-            self._hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+            self._hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.cfg.dtype)).eval()
         return self._hf
 
     def tokens(self, n: int) -> list[int]:
@@ -326,16 +335,19 @@ TARGETS = {"prefill_ttft_engine_over_hf": 1.0, "prefix_hit_speedup": 30.0, "hit_
            "batch32_tok_per_s_over_hf_best": 1.5}
 
 
-def plot(summary: dict, path: Path) -> Path:
+def plot(summary: dict, path: Path, dtype: str = "float32") -> Path:
     rows = [(k.replace("_", "\n", 2), v, TARGETS.get(k)) for k, v in summary.items()
             if k not in ("no_sharing_overhead", "shared_prefix_hit_rate")]
-    return bar_plot(path, "radixserve prefix caching, ratios measured side by side (CPU fp32)", rows, "ratio")
+    title = f"radixserve prefix caching, ratios measured side by side (CPU {_DTYPE_LABEL[dtype]})"
+    return bar_plot(path, title, rows, "ratio")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes on tiny-llama (seconds)")
     p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPE_LABEL),
+                   help="engine and transformers dtype (default float32; bfloat16 is fast on AMX CPUs)")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a PrefixBenchConfig field, e.g. prefill_len=1024 (repeatable), to size a run")
@@ -345,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = QUICK if args.quick else PrefixBenchConfig()
     if args.model:
         cfg = PrefixBenchConfig(**{**asdict(cfg), "model": args.model})
+    if args.dtype:
+        cfg = PrefixBenchConfig(**{**asdict(cfg), "dtype": args.dtype})
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -360,10 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(measurements)
     # Another model than the default gets its own name, so it never shadows the default's result in the report.
     default = (QUICK if args.quick else PrefixBenchConfig()).model
-    suite = "prefix" + (f"-{Path(cfg.model).name}" if cfg.model != default else "") + ("-quick" if args.quick else "")
+    # So does another dtype than fp32.
+    suite = ("prefix" + (f"-{Path(cfg.model).name}" if cfg.model != default else "")
+             + (f"-{_DTYPE_LABEL[cfg.dtype]}" if cfg.dtype != "float32" else "") + ("-quick" if args.quick else ""))
     path = write_result(suite, asdict(cfg), measurements, summary, Path(args.out_dir) if args.out_dir else None,
                         command_line("radixserve.benchmarks.bench_prefix", argv))
-    plot(summary, path.with_suffix(".png"))
+    plot(summary, path.with_suffix(".png"), cfg.dtype)
     print_summary(path, summary)
     return summary
 

@@ -55,7 +55,7 @@ class ModelConfig:
     generation_config: str = knob("auto", "default sampling for fields a request leaves unset: auto (the "
                                           "model's generation_config.json), vllm (the engine's own defaults), "
                                           "or a directory holding a generation_config.json")
-    cpu_linear: str = knob("packed", "CPU fp32 linear layers: packed (weights re-laid out once for oneDNN: "
+    cpu_linear: str = knob("packed", "CPU fp32/bf16 linear layers: packed (weights re-laid out once for oneDNN: "
                                      "faster matmuls on 2+ rows, a second copy of the weights in RAM) or dense")
 
     def __post_init__(self) -> None:
