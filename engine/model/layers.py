@@ -229,17 +229,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
 
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Looked up once per step, used by every layer: cos [num_tokens, 1, head_dim] of
+        ``positions``, and the sines as the rotation needs them: -sin of the first half and
+        sin of the second half, [num_tokens, 1, head_dim / 2] each."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        half = sin.shape[-1] // 2
+        return cos, -sin[..., :half], sin[..., half:]
+
     @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    def apply(table: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, heads, head_dim] (q and k heads side by side) -> rotated, a new tensor.
+
+        x * cos + rotate_half(x) * sin, bit for bit as transformers computes it, without
+        materialising rotate_half(x) or its negation (-a * b == a * -b exactly)."""
+        cos, neg_sin_lo, sin_hi = table
         half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [num_tokens, 1, head_dim] of ``positions``: looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @classmethod
-    def apply(cls, table: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x [num_tokens, heads, head_dim] (q and k heads side by side) -> rotated, a new tensor."""
-        cos, sin = table
-        return x * cos + cls._rotate_half(x) * sin
+        rot = torch.empty_like(x)
+        torch.mul(x[..., half:], neg_sin_lo, out=rot[..., :half])
+        torch.mul(x[..., :half], sin_hi, out=rot[..., half:])
+        return (x * cos).add_(rot)
