@@ -89,6 +89,7 @@ from radixserve.benchmarks.workloads import (
 
 SERVERS = ("radixserve", "radixserve_nocache", "transformers")
 PEERS = ("transformers",)
+TRACE_ROUTE = "/bench/ttft_trace"  # radixserve's benchmark server only (ttft_trace.TracingBackend)
 SERVER_DESCRIPTIONS = {
     "radixserve": "radixserve HTTP API (build_app over LocalBackend(AsyncLLMEngine)), single-process uvicorn, "
                   "prefix cache on",
@@ -235,15 +236,17 @@ def serve_ours(spec: dict) -> None:
     import torch
     import uvicorn
 
-    from radixserve.cluster.backend import LocalBackend
+    from radixserve.benchmarks.ttft_trace import TracingBackend, trace_steps
     from radixserve.cluster.openai_api.app import ServerConfig, build_app
     from radixserve.engine import AsyncLLMEngine
     if spec.get("torch_threads"):
         torch.set_num_threads(spec["torch_threads"])
     engine = AsyncLLMEngine.from_kwargs(spec["model_dir"], **spec["engine"])
     try:
-        app = build_app(LocalBackend(engine, spec["served_model_name"]),
-                        ServerConfig(served_model_name=spec["served_model_name"]))
+        backend = TracingBackend(engine, spec["served_model_name"])
+        trace_steps(engine.engine.executor, backend)
+        app = build_app(backend, ServerConfig(served_model_name=spec["served_model_name"]))
+        app.add_api_route(TRACE_ROUTE, backend.take, methods=["GET"])  # the benchmark's own probe
         uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", lifespan="off")
     finally:
         engine.shutdown()
@@ -350,6 +353,7 @@ def run_suite(cfg: PeerBenchConfig, model_dir: str, decode, tokens: TokenSpace,
     requests = {(r, w, u): make_requests(cfg, w, tokens, request_seed(cfg, r, i))
                 for r in range(cfg.repeats) for w in cfg.workloads for i, u in enumerate(cfg.users)}
     runs: list[Run] = []
+    traces: list[tuple[int, str, str, dict]] = []
     steps = plan(cfg)
     with tqdm(total=len(steps) * len(cfg.workloads) * len(cfg.users), desc="bench_peer") as bar:
         for rnd, name in steps:
@@ -359,9 +363,11 @@ def run_suite(cfg: PeerBenchConfig, model_dir: str, decode, tokens: TokenSpace,
                 tqdm.write(f"round {rnd} {name}: serving at {server.base_url} after {time.perf_counter() - t0:.1f} s")
                 for u in cfg.users:
                     for w in cfg.workloads:
-                        load0 = load_average()
+                        load0, clock = load_average(), drivers.Clock.start()
                         records = drivers.run(target_for(server, cfg, decode), requests[rnd, w, u],
-                                              drivers.Load("closed", users=u), desc=f"{w}@{u}u/{name}")
+                                              drivers.Load("closed", users=u), desc=f"{w}@{u}u/{name}", clock=clock)
+                        if name not in PEERS:
+                            traces.append((rnd, run_key(w, u), name, join_trace(server, records, clock)))
                         summary = summarize(records, cfg.slo)
                         if name in PEERS:  # it reports no cached tokens: its hit rate is unknown, not 0
                             summary = replace(summary, hit_rate_client=math.nan)
@@ -377,7 +383,37 @@ def run_suite(cfg: PeerBenchConfig, model_dir: str, decode, tokens: TokenSpace,
     shapes = {run_key(w, u): {"description": WORKLOADS[w].description, "config": asdict(getattr(cfg, w)),
                               "users": u, "shape": shape(requests[0, w, u])}
               for w in cfg.workloads for u in cfg.users}
-    return runs, shapes
+    return runs, {"shapes": shapes, "ttft_breakdown": ttft_breakdown(traces)}
+
+
+def join_trace(server: Server, records: Sequence, clock: drivers.Clock) -> dict:
+    """The server's stamps of this run joined to the client's records: per request the TTFT parts
+    (ttft_trace.PARTS), and the run's engine steps, times from the run's start."""
+    import httpx
+
+    from radixserve.benchmarks.ttft_trace import parts, step_rows
+    trace = httpx.get(server.base_url + TRACE_ROUTE, timeout=30.0).json()
+    rows = []
+    for rec in records:
+        stamps = trace["requests"].get(f"{rec.server_request_id}-0")
+        if rec.ok and stamps is not None:
+            row = parts(clock.t0 + rec.submit_s, clock.t0 + rec.token_times_s[0], stamps)
+            rows.append({**row, "ttft": rec.ttft, "id": rec.request_id, "cached_tokens": stamps["cached_tokens"]})
+    return {"requests": rows, "steps": step_rows(trace["steps"], clock.t0)}
+
+
+def ttft_breakdown(traces: Sequence[tuple[int, str, str, dict]]) -> dict:
+    """Per run key and radixserve server: the TTFT parts' medians over every round's requests, and
+    each round's requests and steps (the raw data of those medians)."""
+    from radixserve.benchmarks.ttft_trace import PARTS, breakdown
+    out: dict[str, dict] = {"parts": list(PARTS)}
+    for key in dict.fromkeys(k for _, k, _, _ in traces):
+        for name in dict.fromkeys(n for _, k, n, _ in traces if k == key):
+            mine = [(rnd, t) for rnd, k, n, t in traces if k == key and n == name]
+            out.setdefault(key, {})[name] = {
+                "summary": breakdown([r for _, t in mine for r in t["requests"]]),
+                "rounds": [{"round": rnd, **t} for rnd, t in mine]}
+    return out
 
 
 def prompt_mismatches(runs: Sequence[Run]) -> dict[str, int]:
@@ -464,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
     tok = load_tokenizer(model_dir, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="bench-peer-logs-") as logs:
         try:
-            runs, shapes = run_suite(cfg, model_dir, tok.decode, TokenSpace.from_tokenizer(tok), Path(logs))
+            runs, extra_runs = run_suite(cfg, model_dir, tok.decode, TokenSpace.from_tokenizer(tok), Path(logs))
         except BaseException:
             for log in sorted(Path(logs).glob("*.log")):
                 print(f"--- {log.name} (last lines) ---\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
@@ -474,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = {**asdict(cfg), "model_dir": model_dir, "reference": cfg.reference,
               "variants": list(cfg.servers), "server_descriptions": {s: SERVER_DESCRIPTIONS[s] for s in cfg.servers},
               "server_argv": {s: server_for(cfg, s, model_dir, Path(".")).argv for s in cfg.servers}}
-    measurements = {"workloads": shapes, "aggregate": agg, "round_ratios": ratios,
+    measurements = {"workloads": extra_runs["shapes"], "aggregate": agg, "round_ratios": ratios,
+                    "ttft_breakdown": extra_runs["ttft_breakdown"],
                     "prompt_tokens_mismatch_by_run": extra["prompt_tokens_mismatch_by_run"],
                     "runs": [r.to_json() for r in runs]}
     path = write_result("peer-quick" if args.quick else "peer", config, measurements, summary,
