@@ -9,6 +9,9 @@ alive at a time so that none steals the 2 cores of the other's measurement):
                       replica actors, which on 2 cores would cost more than they show. The
                       prefix cache is on. This is the reference of every ratio.
   radixserve_nocache  the same server with the prefix cache off (the control).
+  radixserve_fcfs     (only when named in --servers) the same server, cache on, scheduling FCFS
+                      over the whole token budget per step: the engine's behaviour before sjf and
+                      ``prefill_step_tokens`` became its CPU defaults (the control of that change).
   transformers        ``transformers serve --continuous-batching <HF directory>``: HF's own
                       paged-attention continuous-batching server, with its block-sharing
                       prefix cache (``allow_block_sharing``, on by default), on CPU, fp32.
@@ -40,6 +43,11 @@ gets exactly the same requests. Ratios ``<workload>@<users>u/ttft_p50_speedup_vs
 tokens/s / X's) are taken within a round, medians over rounds; radixserve's hit
 rate is what its responses report (``usage.prompt_tokens_details.cached_tokens``);
 transformers serve reports no cached tokens.
+
+``measurements["ttft_breakdown"]``: for radixserve's servers, each request's TTFT cut
+into http_in / inbox / queue / prefill / out / sse (``benchmarks/ttft_trace.py``), the
+medians per run key, and every engine step (start, seconds, prefill tokens, prefill
+sequences, decode sequences) of every round.
 
 Default size (``PeerBenchConfig``): shared_prefix 2 groups x 3 questions of 256+16
 tokens, multi_turn 2 sessions x 2 turns over a 128-token system prompt, rag 6
@@ -88,6 +96,8 @@ from radixserve.benchmarks.workloads import (
 )
 
 SERVERS = ("radixserve", "radixserve_nocache", "transformers")
+# Optional controls (named with --servers): radixserve with its scheduling before sjf and the prefill step cap.
+EXTRA_SERVERS = ("radixserve_fcfs",)
 PEERS = ("transformers",)
 TRACE_ROUTE = "/bench/ttft_trace"  # radixserve's benchmark server only (ttft_trace.TracingBackend)
 SERVER_DESCRIPTIONS = {
@@ -95,6 +105,8 @@ SERVER_DESCRIPTIONS = {
                   "prefix cache on",
     "radixserve_nocache": "the same server, prefix cache off",
     "transformers": "transformers serve --continuous-batching (paged attention, block-sharing prefix cache)",
+    "radixserve_fcfs": "radixserve, prefix cache on, FCFS admission over the whole token budget per step "
+                       "(schedule_policy=fcfs, prefill_step_tokens=max_num_batched_tokens)",
 }
 
 
@@ -130,8 +142,9 @@ class PeerBenchConfig:
     no_sharing: NoSharingConfig = NoSharingConfig(requests=4, prompt_len=256, output_len=8)
 
     def __post_init__(self) -> None:
-        if not self.servers or any(s not in SERVERS for s in self.servers) or len(set(self.servers)) < len(self.servers):
-            raise ValueError(f"servers must be distinct names from {SERVERS}, got {self.servers}")
+        known = SERVERS + EXTRA_SERVERS
+        if not self.servers or any(s not in known for s in self.servers) or len(set(self.servers)) < len(self.servers):
+            raise ValueError(f"servers must be distinct names from {known}, got {self.servers}")
         if self.api not in ("completions", "chat"):
             raise ValueError(f"api must be completions or chat, got {self.api!r}")
         if unknown := [w for w in self.workloads if w not in WORKLOADS]:
@@ -226,7 +239,9 @@ def server_for(cfg: PeerBenchConfig, name: str, model_dir: str, log_dir: Path) -
     env = {"OMP_NUM_THREADS": str(cfg.torch_threads)} if cfg.torch_threads else {}
     if name == "transformers":
         return Server(name, transformers_argv(cfg, model_dir, port), port, model_dir, log_dir / f"{name}.log", env)
-    spec = {**ours_spec(cfg, model_dir, name == "radixserve"), "port": port}
+    spec = {**ours_spec(cfg, model_dir, name != "radixserve_nocache"), "port": port}
+    if name == "radixserve_fcfs":
+        spec["engine"] |= {"schedule_policy": "fcfs", "prefill_step_tokens": cfg.max_num_batched_tokens}
     argv = [sys.executable, "-m", "radixserve.benchmarks.bench_peer", "--serve-ours", json.dumps(spec)]
     return Server(name, argv, port, cfg.model, log_dir / f"{name}.log", env)
 
@@ -445,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_peer", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size on tiny-llama (seconds with --peer none)")
     p.add_argument("--model", help="model name or HF directory (default smollm2; tiny-llama with --quick)")
-    p.add_argument("--servers", help=f"comma list of {', '.join(SERVERS)}; the first is the reference (default: all)")
+    p.add_argument("--servers", help=f"comma list of {', '.join(SERVERS + EXTRA_SERVERS)}; the first is the reference "
+                                     f"(default: {', '.join(SERVERS)})")
     p.add_argument("--peer", choices=("transformers", "none"), help="none: leave transformers serve out")
     p.add_argument("--api", choices=("completions", "chat"), help="default completions")
     p.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)}")

@@ -116,10 +116,10 @@ class SchedulerConfig:
     schedule_policy: str = knob("auto", "order of waiting prompts: fcfs (arrival) | sjf (fewest uncached tokens "
                                         "first, so mostly-cached prompts pass long prefills) | auto (sjf on CPU, "
                                         "fcfs on CUDA)")
-    prefill_step_tokens: int | None = knob(None, "soft cap on one step's prefill tokens: a new prompt whose uncached "
-                                                 "part would take the step past it waits for a later step (a step "
-                                                 "always admits one) (default: 256 on CPU, where a step's time grows "
-                                                 "with its tokens; the whole budget on CUDA)")
+    prefill_step_tokens: int | None = knob(None, "soft cap on the prompt tokens one step admits from the queue: a "
+                                                 "prompt whose uncached part would take them past it waits for a "
+                                                 "later step (a step always admits one) (default: 256 on CPU, where "
+                                                 "a step's time grows with its tokens; the whole budget on CUDA)")
     max_wait_s: float = knob(2.0, "a prompt waiting longer than this (seconds since arrival) goes first, in arrival "
                                   "order, past sjf and prefill_step_tokens: nothing starves")
 

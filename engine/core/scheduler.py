@@ -234,14 +234,17 @@ class Scheduler:
         self.waiting = deque(sorted(self.waiting, key=lambda s: (*key[s.seq_id], *_priority(s))))
 
     def _over_cap(self, prefill: int, n: int) -> bool:
-        """Whether ``n`` more prefill tokens would take a step that already has some past the cap
-        (no starvation: the head of the queue, overdue prompts first, always gets a step of its own)."""
+        """Whether ``n`` more prefill tokens would take the step's admissions past the cap (no
+        starvation: the head of the queue, overdue prompts first, is always admitted)."""
         return prefill > 0 and prefill + n > self.prefill_cap
 
     def _schedule_waiting(self, budget: int, out: list[tuple[Sequence, int]]) -> int:
         now = time.monotonic()
         self._order_waiting(now)
-        prefill = sum(n for _, n in out if n > 1)  # running prefill chunks of this step
+        # Prefill tokens admitted from the queue this step. A running prompt's next chunk is not
+        # counted: it computes this step whatever is admitted, so a short prompt joining it waits
+        # for nothing it would not wait for anyway.
+        prefill = 0
         # Seats taken: running sequences plus the n>1 children they will fork into.
         used = sum(self._seats(s) for s in self.running) + len(self.swapping)
         inflight = self._inflight_hashes() if self.kv.enable_prefix_caching else set()

@@ -113,3 +113,16 @@ def test_device_defaults_and_validation():
     for bad in ({"schedule_policy": "lifo"}, {"prefill_step_tokens": 0}, {"max_wait_s": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SchedulerConfig(**bad)
+
+
+def test_a_short_prompt_joins_a_running_chunk_under_the_cap():
+    rng = random.Random(4)
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, prefill_step_tokens=8)
+    sched = Scheduler(cfg, KVCacheManager(64, BS, True), 200, frozenset({EOS}))
+    long = request(list(range(100, 124)))  # 24 tokens: chunks of 16 and 8
+    sched.add_request(long)
+    step(sched, rng)
+    short = request([200, 201, 202])
+    sched.add_request(short)
+    # the long prompt's last 8 tokens compute this step anyway: the short one comes along
+    assert step(sched, rng) == {long.seqs[0].seq_id, short.seqs[0].seq_id}
