@@ -118,7 +118,7 @@ class SchedulerConfig:
                                         "fcfs on CUDA)")
     prefill_step_tokens: int | None = knob(None, "soft cap on the prompt tokens one step admits from the queue: a "
                                                  "prompt whose uncached part would take them past it waits for a "
-                                                 "later step (a step always admits one) (default: 256 on CPU, where "
+                                                 "later step (a step always admits one) (default: 128 on CPU, where "
                                                  "a step's time grows with its tokens; the whole budget on CUDA)")
     max_wait_s: float = knob(2.0, "a prompt waiting longer than this (seconds since arrival) goes first, in arrival "
                                   "order, past sjf and prefill_step_tokens: nothing starves")

@@ -9,7 +9,7 @@ import pytest
 
 from radixserve.engine.cache.kv_manager import KVCacheManager
 from radixserve.engine.config import SchedulerConfig
-from radixserve.engine.core.scheduler import Scheduler, for_device
+from radixserve.engine.core.scheduler import CPU_PREFILL_STEP_TOKENS, Scheduler, for_device
 from radixserve.engine.core.scheduler_output import SampledToken, StepResult
 from radixserve.engine.sampling_params import SamplingParams
 from tests.cpu.helpers import BS, EOS, make_request
@@ -104,12 +104,12 @@ def test_same_prefix_followers_still_wait_for_their_leader_under_sjf():
 
 def test_device_defaults_and_validation():
     cpu, cuda = for_device(SchedulerConfig(), on_cpu=True), for_device(SchedulerConfig(), on_cpu=False)
-    assert (cpu.schedule_policy, cpu.prefill_step_tokens) == ("sjf", 256)
+    assert (cpu.schedule_policy, cpu.prefill_step_tokens) == ("sjf", CPU_PREFILL_STEP_TOKENS)
     assert (cuda.schedule_policy, cuda.prefill_step_tokens) == ("fcfs", cuda.max_num_batched_tokens)
     mine = for_device(SchedulerConfig(schedule_policy="fcfs", prefill_step_tokens=99), on_cpu=True)
     assert (mine.schedule_policy, mine.prefill_step_tokens) == ("fcfs", 99)
     small = for_device(SchedulerConfig(max_num_batched_tokens=100), on_cpu=True)
-    assert small.prefill_step_tokens == 100
+    assert small.prefill_step_tokens == min(100, CPU_PREFILL_STEP_TOKENS)
     for bad in ({"schedule_policy": "lifo"}, {"prefill_step_tokens": 0}, {"max_wait_s": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SchedulerConfig(**bad)
