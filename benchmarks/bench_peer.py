@@ -413,7 +413,8 @@ def join_trace(server: Server, records: Sequence, clock: drivers.Clock) -> dict:
         stamps = trace["requests"].get(f"{rec.server_request_id}-0")
         if rec.ok and stamps is not None:
             row = parts(clock.t0 + rec.submit_s, clock.t0 + rec.token_times_s[0], stamps)
-            rows.append({**row, "ttft": rec.ttft, "id": rec.request_id, "cached_tokens": stamps["cached_tokens"]})
+            rows.append({**row, "ttft": round(rec.ttft, 5), "id": rec.request_id,
+                         "cached_tokens": stamps["cached_tokens"]})
     return {"requests": rows, "steps": step_rows(trace["steps"], clock.t0)}
 
 

@@ -119,7 +119,7 @@ def parts(submit: float, first_token_client: float, s: Mapping[str, float]) -> d
     """One request's TTFT cut into PARTS (seconds); they sum to first_token_client - submit."""
     marks = [submit, s["backend_call"], s["arrival"], s["first_scheduled"], s["first_token"], s["first_output"],
              first_token_client]
-    return {name: b - a for name, a, b in zip(PARTS, marks, marks[1:])}
+    return {name: round(b - a, 5) for name, a, b in zip(PARTS, marks, marks[1:])}
 
 
 def breakdown(rows: Sequence[Mapping[str, float]]) -> dict[str, Any]:
