@@ -58,6 +58,8 @@ token costs ~5-10 ms there; ``--set`` and ``--repeats`` scale it up.
 
     python -m radixserve.benchmarks.bench_peer                      # smollm2, all three servers
     python -m radixserve.benchmarks.bench_peer --quick              # seconds, tiny-llama
+    python -m radixserve.benchmarks.bench_peer --workloads shared_prefix --set shared_prefix.prefix_len=1024
+                                                                    # a longer system prompt (results/partial/)
     python -m radixserve.benchmarks.bench_peer --quick --peer none  # ours only (no transformers serve)
     python -m radixserve.benchmarks.bench_peer --plot-only benchmarks/results/peer-cpu-2026-12-02.json
 """
