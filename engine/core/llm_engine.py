@@ -72,8 +72,8 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, self.executor.num_blocks * self.block_size)
         self.events = EventLog(self.engine_id)
         self.kv = self._make_kv(num_cpu_blocks)
-        self.scheduler = Scheduler(for_device(config.scheduler, runs_on_cpu(config.device)), self.kv, self.max_model_len, self.eos_token_ids, self.lora,
-                                   self.metrics)
+        self.scheduler = Scheduler(for_device(config.scheduler, runs_on_cpu(config.device)), self.kv,
+                                   self.max_model_len, self.eos_token_ids, self.lora, self.metrics)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.metrics)
         self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
                                                   config.structured_outputs, self.metrics)

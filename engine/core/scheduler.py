@@ -226,8 +226,14 @@ class Scheduler:
     def _overdue(self, seq: Sequence, now: float) -> bool:
         return now - seq.request.arrival_time > self.config.max_wait_s
 
+    @staticmethod
+    def _wants_prompt_logprobs(seq: Sequence) -> bool:
+        """Prompt logprobs need every prompt position computed: such a prompt skips the cache."""
+        return seq.request.params.prompt_logprobs is not None and seq.request.prompt_logprobs is None
+
     def _uncached(self, seq: Sequence) -> int:
-        return seq.num_tokens - seq.num_computed_tokens - self.kv.lookup(seq).num_tokens(self.kv.block_size)
+        cached = 0 if self._wants_prompt_logprobs(seq) else self.kv.lookup(seq).num_tokens(self.kv.block_size)
+        return seq.num_tokens - seq.num_computed_tokens - cached
 
     def _order_waiting(self, now: float) -> None:
         """sjf: overdue prompts first (arrival order), then fewest uncached tokens first."""
@@ -263,9 +269,7 @@ class Scheduler:
             seats = self._seats(seq)
             if used + seats > self.config.max_num_seqs:
                 break
-            wants_prompt_logprobs = (seq.request.params.prompt_logprobs is not None
-                                     and seq.request.prompt_logprobs is None)
-            hit = None if wants_prompt_logprobs else self.kv.lookup(seq)
+            hit = None if self._wants_prompt_logprobs(seq) else self.kv.lookup(seq)
             hit_blocks = hit.num_blocks if hit else 0
             if (hit is not None and hit_blocks < len(seq.block_hashes)
                     and seq.block_hashes[hit_blocks] in inflight and len(deferred) < self.config.max_num_seqs):
