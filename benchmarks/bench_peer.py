@@ -9,6 +9,9 @@ alive at a time so that none steals the 2 cores of the other's measurement):
                       replica actors, which on 2 cores would cost more than they show. The
                       prefix cache is on. This is the reference of every ratio.
   radixserve_nocache  the same server with the prefix cache off (the control).
+  radixserve_fcfs     (only when named in --servers) the same server, cache on, scheduling FCFS
+                      over the whole token budget per step: the engine's behaviour before sjf and
+                      ``prefill_step_tokens`` became its CPU defaults (the control of that change).
   transformers        ``transformers serve --continuous-batching <HF directory>``: HF's own
                       paged-attention continuous-batching server, with its block-sharing
                       prefix cache (``allow_block_sharing``, on by default), on CPU, fp32.
@@ -41,6 +44,11 @@ tokens/s / X's) are taken within a round, medians over rounds; radixserve's hit
 rate is what its responses report (``usage.prompt_tokens_details.cached_tokens``);
 transformers serve reports no cached tokens.
 
+``measurements["ttft_breakdown"]``: for radixserve's servers, each request's TTFT cut
+into http_in / inbox / queue / prefill / out / sse (``benchmarks/ttft_trace.py``), the
+medians per run key, and every engine step (start, seconds, prefill tokens, prefill
+sequences, decode sequences) of every round.
+
 Default size (``PeerBenchConfig``): shared_prefix 2 groups x 3 questions of 256+16
 tokens, multi_turn 2 sessions x 2 turns over a 128-token system prompt, rag 6
 questions over 3 documents of 128 tokens, no_sharing 4 x 256 tokens, 8 output
@@ -50,6 +58,8 @@ token costs ~5-10 ms there; ``--set`` and ``--repeats`` scale it up.
 
     python -m radixserve.benchmarks.bench_peer                      # smollm2, all three servers
     python -m radixserve.benchmarks.bench_peer --quick              # seconds, tiny-llama
+    python -m radixserve.benchmarks.bench_peer --workloads shared_prefix --set shared_prefix.prefix_len=1024
+                                                                    # a longer system prompt (results/partial/)
     python -m radixserve.benchmarks.bench_peer --quick --peer none  # ours only (no transformers serve)
     python -m radixserve.benchmarks.bench_peer --plot-only benchmarks/results/peer-cpu-2026-12-02.json
 """
@@ -88,12 +98,17 @@ from radixserve.benchmarks.workloads import (
 )
 
 SERVERS = ("radixserve", "radixserve_nocache", "transformers")
+# Optional controls (named with --servers): radixserve with its scheduling before sjf and the prefill step cap.
+EXTRA_SERVERS = ("radixserve_fcfs",)
 PEERS = ("transformers",)
+TRACE_ROUTE = "/bench/ttft_trace"  # radixserve's benchmark server only (ttft_trace.TracingBackend)
 SERVER_DESCRIPTIONS = {
     "radixserve": "radixserve HTTP API (build_app over LocalBackend(AsyncLLMEngine)), single-process uvicorn, "
                   "prefix cache on",
     "radixserve_nocache": "the same server, prefix cache off",
     "transformers": "transformers serve --continuous-batching (paged attention, block-sharing prefix cache)",
+    "radixserve_fcfs": "radixserve, prefix cache on, FCFS admission over the whole token budget per step "
+                       "(schedule_policy=fcfs, prefill_step_tokens=max_num_batched_tokens)",
 }
 
 
@@ -129,8 +144,9 @@ class PeerBenchConfig:
     no_sharing: NoSharingConfig = NoSharingConfig(requests=4, prompt_len=256, output_len=8)
 
     def __post_init__(self) -> None:
-        if not self.servers or any(s not in SERVERS for s in self.servers) or len(set(self.servers)) < len(self.servers):
-            raise ValueError(f"servers must be distinct names from {SERVERS}, got {self.servers}")
+        known = SERVERS + EXTRA_SERVERS
+        if not self.servers or any(s not in known for s in self.servers) or len(set(self.servers)) < len(self.servers):
+            raise ValueError(f"servers must be distinct names from {known}, got {self.servers}")
         if self.api not in ("completions", "chat"):
             raise ValueError(f"api must be completions or chat, got {self.api!r}")
         if unknown := [w for w in self.workloads if w not in WORKLOADS]:
@@ -225,7 +241,9 @@ def server_for(cfg: PeerBenchConfig, name: str, model_dir: str, log_dir: Path) -
     env = {"OMP_NUM_THREADS": str(cfg.torch_threads)} if cfg.torch_threads else {}
     if name == "transformers":
         return Server(name, transformers_argv(cfg, model_dir, port), port, model_dir, log_dir / f"{name}.log", env)
-    spec = {**ours_spec(cfg, model_dir, name == "radixserve"), "port": port}
+    spec = {**ours_spec(cfg, model_dir, name != "radixserve_nocache"), "port": port}
+    if name == "radixserve_fcfs":
+        spec["engine"] |= {"schedule_policy": "fcfs", "prefill_step_tokens": cfg.max_num_batched_tokens}
     argv = [sys.executable, "-m", "radixserve.benchmarks.bench_peer", "--serve-ours", json.dumps(spec)]
     return Server(name, argv, port, cfg.model, log_dir / f"{name}.log", env)
 
@@ -235,15 +253,17 @@ def serve_ours(spec: dict) -> None:
     import torch
     import uvicorn
 
-    from radixserve.cluster.backend import LocalBackend
+    from radixserve.benchmarks.ttft_trace import TracingBackend, trace_steps
     from radixserve.cluster.openai_api.app import ServerConfig, build_app
     from radixserve.engine import AsyncLLMEngine
     if spec.get("torch_threads"):
         torch.set_num_threads(spec["torch_threads"])
     engine = AsyncLLMEngine.from_kwargs(spec["model_dir"], **spec["engine"])
     try:
-        app = build_app(LocalBackend(engine, spec["served_model_name"]),
-                        ServerConfig(served_model_name=spec["served_model_name"]))
+        backend = TracingBackend(engine, spec["served_model_name"])
+        trace_steps(engine.engine.executor, backend)
+        app = build_app(backend, ServerConfig(served_model_name=spec["served_model_name"]))
+        app.add_api_route(TRACE_ROUTE, backend.take, methods=["GET"])  # the benchmark's own probe
         uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", lifespan="off")
     finally:
         engine.shutdown()
@@ -350,6 +370,7 @@ def run_suite(cfg: PeerBenchConfig, model_dir: str, decode, tokens: TokenSpace,
     requests = {(r, w, u): make_requests(cfg, w, tokens, request_seed(cfg, r, i))
                 for r in range(cfg.repeats) for w in cfg.workloads for i, u in enumerate(cfg.users)}
     runs: list[Run] = []
+    traces: list[tuple[int, str, str, dict]] = []
     steps = plan(cfg)
     with tqdm(total=len(steps) * len(cfg.workloads) * len(cfg.users), desc="bench_peer") as bar:
         for rnd, name in steps:
@@ -359,9 +380,11 @@ def run_suite(cfg: PeerBenchConfig, model_dir: str, decode, tokens: TokenSpace,
                 tqdm.write(f"round {rnd} {name}: serving at {server.base_url} after {time.perf_counter() - t0:.1f} s")
                 for u in cfg.users:
                     for w in cfg.workloads:
-                        load0 = load_average()
+                        load0, clock = load_average(), drivers.Clock.start()
                         records = drivers.run(target_for(server, cfg, decode), requests[rnd, w, u],
-                                              drivers.Load("closed", users=u), desc=f"{w}@{u}u/{name}")
+                                              drivers.Load("closed", users=u), desc=f"{w}@{u}u/{name}", clock=clock)
+                        if name not in PEERS:
+                            traces.append((rnd, run_key(w, u), name, join_trace(server, records, clock)))
                         summary = summarize(records, cfg.slo)
                         if name in PEERS:  # it reports no cached tokens: its hit rate is unknown, not 0
                             summary = replace(summary, hit_rate_client=math.nan)
@@ -377,7 +400,38 @@ def run_suite(cfg: PeerBenchConfig, model_dir: str, decode, tokens: TokenSpace,
     shapes = {run_key(w, u): {"description": WORKLOADS[w].description, "config": asdict(getattr(cfg, w)),
                               "users": u, "shape": shape(requests[0, w, u])}
               for w in cfg.workloads for u in cfg.users}
-    return runs, shapes
+    return runs, {"shapes": shapes, "ttft_breakdown": ttft_breakdown(traces)}
+
+
+def join_trace(server: Server, records: Sequence, clock: drivers.Clock) -> dict:
+    """The server's stamps of this run joined to the client's records: per request the TTFT parts
+    (ttft_trace.PARTS), and the run's engine steps, times from the run's start."""
+    import httpx
+
+    from radixserve.benchmarks.ttft_trace import parts, step_rows
+    trace = httpx.get(server.base_url + TRACE_ROUTE, timeout=30.0).json()
+    rows = []
+    for rec in records:
+        stamps = trace["requests"].get(f"{rec.server_request_id}-0")
+        if rec.ok and stamps is not None:
+            row = parts(clock.t0 + rec.submit_s, clock.t0 + rec.token_times_s[0], stamps)
+            rows.append({**row, "ttft": round(rec.ttft, 5), "id": rec.request_id,
+                         "cached_tokens": stamps["cached_tokens"]})
+    return {"requests": rows, "steps": step_rows(trace["steps"], clock.t0)}
+
+
+def ttft_breakdown(traces: Sequence[tuple[int, str, str, dict]]) -> dict:
+    """Per run key and radixserve server: the TTFT parts' medians over every round's requests, and
+    each round's requests and steps (the raw data of those medians)."""
+    from radixserve.benchmarks.ttft_trace import PARTS, breakdown
+    out: dict[str, dict] = {"parts": list(PARTS)}
+    for key in dict.fromkeys(k for _, k, _, _ in traces):
+        for name in dict.fromkeys(n for _, k, n, _ in traces if k == key):
+            mine = [(rnd, t) for rnd, k, n, t in traces if k == key and n == name]
+            out.setdefault(key, {})[name] = {
+                "summary": breakdown([r for _, t in mine for r in t["requests"]]),
+                "rounds": [{"round": rnd, **t} for rnd, t in mine]}
+    return out
 
 
 def prompt_mismatches(runs: Sequence[Run]) -> dict[str, int]:
@@ -409,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_peer", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size on tiny-llama (seconds with --peer none)")
     p.add_argument("--model", help="model name or HF directory (default smollm2; tiny-llama with --quick)")
-    p.add_argument("--servers", help=f"comma list of {', '.join(SERVERS)}; the first is the reference (default: all)")
+    p.add_argument("--servers", help=f"comma list of {', '.join(SERVERS + EXTRA_SERVERS)}; the first is the reference "
+                                     f"(default: {', '.join(SERVERS)})")
     p.add_argument("--peer", choices=("transformers", "none"), help="none: leave transformers serve out")
     p.add_argument("--api", choices=("completions", "chat"), help="default completions")
     p.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)}")
@@ -464,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
     tok = load_tokenizer(model_dir, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="bench-peer-logs-") as logs:
         try:
-            runs, shapes = run_suite(cfg, model_dir, tok.decode, TokenSpace.from_tokenizer(tok), Path(logs))
+            runs, extra_runs = run_suite(cfg, model_dir, tok.decode, TokenSpace.from_tokenizer(tok), Path(logs))
         except BaseException:
             for log in sorted(Path(logs).glob("*.log")):
                 print(f"--- {log.name} (last lines) ---\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
@@ -474,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = {**asdict(cfg), "model_dir": model_dir, "reference": cfg.reference,
               "variants": list(cfg.servers), "server_descriptions": {s: SERVER_DESCRIPTIONS[s] for s in cfg.servers},
               "server_argv": {s: server_for(cfg, s, model_dir, Path(".")).argv for s in cfg.servers}}
-    measurements = {"workloads": shapes, "aggregate": agg, "round_ratios": ratios,
+    measurements = {"workloads": extra_runs["shapes"], "aggregate": agg, "round_ratios": ratios,
+                    "ttft_breakdown": extra_runs["ttft_breakdown"],
                     "prompt_tokens_mismatch_by_run": extra["prompt_tokens_mismatch_by_run"],
                     "runs": [r.to_json() for r in runs]}
     path = write_result("peer-quick" if args.quick else "peer", config, measurements, summary,

@@ -18,6 +18,7 @@ figure from a loaded machine shows as such. Where time goes on a hit: profile_hi
 
     python -m radixserve.benchmarks.bench_prefix                  # full size on small-llama
     python -m radixserve.benchmarks.bench_prefix --quick          # seconds, on tiny-llama (smoke test)
+    python -m radixserve.benchmarks.bench_prefix --dtype bfloat16 # both sides in bf16 (AMX CPUs)
 """
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ from radixserve.benchmarks.workloads import override
 from radixserve.engine import LLM, SamplingParams
 from radixserve.engine.model.default_models import resolve_model
 
+_DTYPE_LABEL = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 
 @dataclass(frozen=True)
 class PrefixBenchConfig:
     model: str = "small-llama"
+    dtype: str = "float32"  # of the engine and of transformers alike
     repeats: int = 5
     prefill_len: int = 2048
     hit_prefix_len: int = 2048
@@ -61,6 +65,7 @@ class PrefixBenchConfig:
     distinct_prompts: int = 32
     distinct_prompt_len: int = 512
     distinct_output_len: int = 32
+    no_sharing_repeats: int = 6  # pairs, the order alternating: the cost is ~1% against a few % of noise
     batching_requests: int = 48
     batching_prompt_range: tuple[int, int] = (32, 512)
     batching_output_range: tuple[int, int] = (16, 256)
@@ -73,12 +78,16 @@ class PrefixBenchConfig:
     max_num_seqs: int = 32
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPE_LABEL:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPE_LABEL)}, got {self.dtype!r}")
+
 
 QUICK = PrefixBenchConfig(model="tiny-llama", repeats=2, prefill_len=256, hit_prefix_len=256, hit_suffix_len=16,
                           shared_groups=2, shared_questions=4, shared_prefix_len=128, shared_suffix_len=16,
                           shared_output_len=8, distinct_prompts=6, distinct_prompt_len=64, distinct_output_len=8,
                           batching_requests=8, batching_prompt_range=(8, 64), batching_output_range=(4, 24),
-                          hf_batch_sizes=(4,), workload_repeats=1, decode_batches=(1, 4), decode_prompt_len=16,
+                          hf_batch_sizes=(4,), workload_repeats=1, no_sharing_repeats=2, decode_batches=(1, 4), decode_prompt_len=16,
                           decode_output_len=8, decode_hf_batch_sizes=(4,))
 
 
@@ -88,7 +97,7 @@ class Bench:
         self.rng = random.Random(cfg.seed)
         self.model_dir = resolve_model(cfg.model, cache_dir)
         max_len = max(cfg.prefill_len, cfg.hit_prefix_len + cfg.hit_suffix_len) + 64
-        common = dict(max_model_len=max(max_len, 1024), max_num_seqs=cfg.max_num_seqs)
+        common = dict(max_model_len=max(max_len, 1024), max_num_seqs=cfg.max_num_seqs, dtype=cfg.dtype)
         self.on = LLM(str(self.model_dir), enable_prefix_caching=True, **common)
         self.off = LLM(str(self.model_dir), enable_prefix_caching=False, **common)
         self.vocab = self.on.engine.arch.vocab_size
@@ -98,7 +107,7 @@ class Bench:
     def hf(self):
         if self._hf is None:
             from transformers import AutoModelForCausalLM
-            self._hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+            self._hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.cfg.dtype)).eval()
         return self._hf
 
     def tokens(self, n: int) -> list[int]:
@@ -188,14 +197,17 @@ class Bench:
         cfg = self.cfg
         params = SamplingParams(temperature=0, max_tokens=cfg.distinct_output_len, ignore_eos=True)
         runs: dict[str, list] = {"cache_on": [], "cache_off": [], "load_1m": []}
-        for _ in range(max(3, cfg.workload_repeats)):  # fresh prompt sets, interleaved on/off
+        for i in range(cfg.no_sharing_repeats):  # fresh prompt sets, interleaved, on first every other pair
             prompts = [self.tokens(cfg.distinct_prompt_len) for _ in range(cfg.distinct_prompts)]
-            runs["cache_on"].append(self._run_workload(self.on, prompts, [params] * len(prompts)))
-            runs["cache_off"].append(self._run_workload(self.off, prompts, [params] * len(prompts)))
+            for name in (("cache_on", "cache_off") if i % 2 == 0 else ("cache_off", "cache_on")):
+                llm = self.on if name == "cache_on" else self.off
+                runs[name].append(self._run_workload(llm, prompts, [params] * len(prompts)))
             runs["load_1m"].append(load_average()[:1])
         on = [r["elapsed_s"] for r in runs["cache_on"]]
         off = [r["elapsed_s"] for r in runs["cache_off"]]
-        return {**runs, "on_elapsed": spread(on), "off_elapsed": spread(off), "overhead": min(on) / min(off) - 1.0}
+        paired = [a / b for a, b in zip(on, off)]  # each pair ran the same prompts back to back
+        return {**runs, "on_elapsed": spread(on), "off_elapsed": spread(off), "paired_on_over_off": spread(paired),
+                "overhead": min(on) / min(off) - 1.0, "overhead_paired_median": median(paired) - 1.0}
 
     @torch.inference_mode()
     def _hf_static(self, prompts: list[list[int]], outs: list[int], batch: int) -> float:
@@ -234,14 +246,16 @@ class Bench:
                 "engine_tok_per_s": useful / median(ours), "hf_best_tok_per_s": useful / best,
                 "ratio": best / median(ours)}
 
-    def _tpot(self, prompts: list[list[int]]) -> tuple[float, float]:
-        """(median TPOT over the batch, output tokens/s of the whole call), all sequences decoding together."""
+    def _tpot(self, prompts: list[list[int]]) -> tuple[float, float, float]:
+        """(median TPOT over the batch, output tokens/s of the whole call, the last first token's
+        time: the batch's prefill), all sequences decoding together."""
         n = self.cfg.decode_output_len
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         start = time.perf_counter()
         outs = self.off.generate([{"prompt_token_ids": p} for p in prompts], params)
         elapsed = time.perf_counter() - start
-        return median([(o.metrics.e2e - o.metrics.ttft) / (n - 1) for o in outs]), len(prompts) * n / elapsed
+        return (median([(o.metrics.e2e - o.metrics.ttft) / (n - 1) for o in outs]), len(prompts) * n / elapsed,
+                max(o.metrics.ttft for o in outs))
 
     def decode(self) -> dict:
         cfg = self.cfg
@@ -250,17 +264,24 @@ class Bench:
         tpot: dict[str, list[float]] = {str(b): [] for b in cfg.decode_batches}
         tok_s: dict[str, list[float]] = {str(b): [] for b in cfg.decode_batches}
         hf: dict[str, list[float]] = {str(b): [] for b in cfg.decode_hf_batch_sizes}
-        big = max(cfg.decode_batches)
+        big, n = max(cfg.decode_batches), cfg.decode_output_len
+        prefill, hf_prefill, hf_step = [], [], []  # the batch of ``big``: its prefill, transformers' decode step
         for _ in range(cfg.repeats):  # interleaved: bandwidth, every batch size, transformers
             bw.append(read_bandwidth())
             for b in cfg.decode_batches:
-                t, r = self._tpot([self.tokens(cfg.decode_prompt_len) for _ in range(b)])
+                t, r, first = self._tpot([self.tokens(cfg.decode_prompt_len) for _ in range(b)])
                 tpot[str(b)].append(t)
                 tok_s[str(b)].append(r)
+                if b == big:
+                    prefill.append(first)
             prompts = [self.tokens(cfg.decode_prompt_len) for _ in range(big)]
-            for hb in cfg.decode_hf_batch_sizes:
-                elapsed = self._hf_static(prompts, [cfg.decode_output_len] * big, hb)
-                hf[str(hb)].append(big * cfg.decode_output_len / elapsed)
+            elapsed = {hb: self._hf_static(prompts, [n] * big, hb) for hb in cfg.decode_hf_batch_sizes}
+            for hb, e in elapsed.items():
+                hf[str(hb)].append(big * n / e)
+            # transformers' step at batch ``big``: generate n tokens less generate 1 (its prefill), per step
+            full = elapsed[big] if big in elapsed else self._hf_static(prompts, [n] * big, big)
+            hf_prefill.append(self._hf_static(prompts, [1] * big, big))
+            hf_step.append((full - hf_prefill[-1]) / (n - 1))
             load.append(load_average()[:1])
         floor = weights / max(bw)  # the machine's capability: its best streaming rate
         hf_best = max(median(v) for v in hf.values())
@@ -270,7 +291,12 @@ class Bench:
                 "tpot_over_floor": {b: median(v) / floor for b, v in tpot.items()},
                 "tpot_min_over_floor": {b: min(v) / floor for b, v in tpot.items()},
                 "hf_best_tok_per_s": hf_best,
-                f"batch{big}_tok_per_s_over_hf_best": median(tok_s[str(big)]) / hf_best}
+                f"batch{big}_tok_per_s_over_hf_best": median(tok_s[str(big)]) / hf_best,
+                # the whole call splits into its prefill and its decode steps; each side by side
+                f"batch{big}_prefill_s": prefill, f"hf_batch{big}_prefill_s": hf_prefill,
+                f"hf_batch{big}_step_s": hf_step,
+                f"batch{big}_prefill_engine_over_hf": median(prefill) / median(hf_prefill),
+                f"batch{big}_step_hf_over_engine": median(hf_step) / median(tpot[str(big)])}
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -310,13 +336,15 @@ def summarize(m: dict) -> dict:
         s["shared_prefix_hit_rate"] = m["shared"]["hit_rate"]
     if "no_sharing" in m:
         s["no_sharing_overhead"] = m["no_sharing"]["overhead"]
+        if "overhead_paired_median" in m["no_sharing"]:
+            s["no_sharing_overhead_paired_median"] = m["no_sharing"]["overhead_paired_median"]
     if "batching" in m:
         s["continuous_batching_over_hf_static"] = m["batching"]["ratio"]
     if "decode" in m:
         d = m["decode"]
         for b, r in d["tpot_over_floor"].items():
             s[f"decode_tpot_b{b}_over_bandwidth_floor"] = r
-        s.update({k: v for k, v in d.items() if k.endswith("_over_hf_best")})
+        s.update({k: v for k, v in d.items() if k.endswith(("_over_hf_best", "_engine_over_hf", "_hf_over_engine"))})
     return s
 
 
@@ -326,16 +354,19 @@ TARGETS = {"prefill_ttft_engine_over_hf": 1.0, "prefix_hit_speedup": 30.0, "hit_
            "batch32_tok_per_s_over_hf_best": 1.5}
 
 
-def plot(summary: dict, path: Path) -> Path:
+def plot(summary: dict, path: Path, dtype: str = "float32") -> Path:
     rows = [(k.replace("_", "\n", 2), v, TARGETS.get(k)) for k, v in summary.items()
-            if k not in ("no_sharing_overhead", "shared_prefix_hit_rate")]
-    return bar_plot(path, "radixserve prefix caching, ratios measured side by side (CPU fp32)", rows, "ratio")
+            if k not in ("no_sharing_overhead", "no_sharing_overhead_paired_median", "shared_prefix_hit_rate")]
+    title = f"radixserve prefix caching, ratios measured side by side (CPU {_DTYPE_LABEL[dtype]})"
+    return bar_plot(path, title, rows, "ratio")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes on tiny-llama (seconds)")
     p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPE_LABEL),
+                   help="engine and transformers dtype (default float32; bfloat16 is fast on AMX CPUs)")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a PrefixBenchConfig field, e.g. prefill_len=1024 (repeatable), to size a run")
@@ -345,6 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = QUICK if args.quick else PrefixBenchConfig()
     if args.model:
         cfg = PrefixBenchConfig(**{**asdict(cfg), "model": args.model})
+    if args.dtype:
+        cfg = PrefixBenchConfig(**{**asdict(cfg), "dtype": args.dtype})
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -360,10 +393,12 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(measurements)
     # Another model than the default gets its own name, so it never shadows the default's result in the report.
     default = (QUICK if args.quick else PrefixBenchConfig()).model
-    suite = "prefix" + (f"-{Path(cfg.model).name}" if cfg.model != default else "") + ("-quick" if args.quick else "")
+    # So does another dtype than fp32.
+    suite = ("prefix" + (f"-{Path(cfg.model).name}" if cfg.model != default else "")
+             + (f"-{_DTYPE_LABEL[cfg.dtype]}" if cfg.dtype != "float32" else "") + ("-quick" if args.quick else ""))
     path = write_result(suite, asdict(cfg), measurements, summary, Path(args.out_dir) if args.out_dir else None,
                         command_line("radixserve.benchmarks.bench_prefix", argv))
-    plot(summary, path.with_suffix(".png"))
+    plot(summary, path.with_suffix(".png"), cfg.dtype)
     print_summary(path, summary)
     return summary
 

@@ -220,10 +220,11 @@ class HttpTarget:
 
     async def send(self, spec, history, clock):
         body = self.body(spec, history)
-        submit, times, text, usage, replica = clock.now(), [], [], {}, None
+        submit, times, text, usage, replica, server_id = clock.now(), [], [], {}, None, None
         try:
             async with self.client.stream("POST", self.url, json=body, headers=self.headers) as resp:
                 replica = resp.headers.get("x-radixserve-replica")
+                server_id = resp.headers.get("x-request-id")
                 if resp.status_code != 200:
                     detail = (await resp.aread()).decode(errors="replace")[:300]
                     raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
@@ -239,7 +240,7 @@ class HttpTarget:
         rec = RequestRecord(spec.request_id, spec.session_id, spec.turn, submit, tuple(times), clock.now(),
                             int(usage.get("prompt_tokens", spec.prompt_len)),
                             int(usage.get("completion_tokens", len(times))), int(details.get("cached_tokens") or 0),
-                            replica=replica)
+                            replica=replica, server_request_id=server_id)
         return rec, TurnOutput(text="".join(text))
 
     def _piece(self, chunk: dict) -> str:
@@ -289,14 +290,16 @@ class Load:
             "open loop, all at t=0" if math.isinf(self.rate) else f"open loop, Poisson {self.rate:g} req/s")
 
 
-def run(target: Target, requests: Sequence[RequestSpec], load: Load, desc: str = "") -> list[RequestRecord]:
-    """Drive ``requests`` (with arrival times already assigned for open loop) to completion."""
+def run(target: Target, requests: Sequence[RequestSpec], load: Load, desc: str = "",
+        clock: Clock | None = None) -> list[RequestRecord]:
+    """Drive ``requests`` (with arrival times already assigned for open loop) to completion.
+    ``clock``: the run's time origin (default: now), for callers that relate records to other stamps."""
     async def main() -> list[RequestRecord]:
         await target.open()
         try:
             if load.mode == "open":
-                return await run_open_loop(target, requests, desc)
-            return await run_closed_loop(target, requests, load.users, desc)
+                return await run_open_loop(target, requests, desc, clock)
+            return await run_closed_loop(target, requests, load.users, desc, clock)
         finally:
             await target.close()
 
@@ -315,9 +318,10 @@ async def _run_session(target: Target, turns: Sequence[RequestSpec], clock: Cloc
         bar.update(1)
 
 
-async def run_open_loop(target: Target, requests: Sequence[RequestSpec], desc: str = "") -> list[RequestRecord]:
+async def run_open_loop(target: Target, requests: Sequence[RequestSpec], desc: str = "",
+                        clock: Clock | None = None) -> list[RequestRecord]:
     records: list[RequestRecord] = []
-    clock = Clock.start()
+    clock = clock or Clock.start()
 
     async def session(turns: tuple[RequestSpec, ...]) -> None:
         await asyncio.sleep(max(0.0, turns[0].arrival_s - clock.now()))
@@ -329,9 +333,9 @@ async def run_open_loop(target: Target, requests: Sequence[RequestSpec], desc: s
 
 
 async def run_closed_loop(target: Target, requests: Sequence[RequestSpec], users: int,
-                          desc: str = "") -> list[RequestRecord]:
+                          desc: str = "", clock: Clock | None = None) -> list[RequestRecord]:
     records: list[RequestRecord] = []
-    clock = Clock.start()
+    clock = clock or Clock.start()
     queue = collections.deque(sessions(requests))
 
     async def user() -> None:

@@ -39,6 +39,7 @@ class RequestRecord:
     cached_tokens: int = 0
     replica: str | None = None  # x-radixserve-replica over HTTP
     error: str | None = None
+    server_request_id: str | None = None  # x-request-id over HTTP (the server's response id)
 
     @property
     def ok(self) -> bool:

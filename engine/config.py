@@ -55,7 +55,7 @@ class ModelConfig:
     generation_config: str = knob("auto", "default sampling for fields a request leaves unset: auto (the "
                                           "model's generation_config.json), vllm (the engine's own defaults), "
                                           "or a directory holding a generation_config.json")
-    cpu_linear: str = knob("packed", "CPU fp32 linear layers: packed (weights re-laid out once for oneDNN: "
+    cpu_linear: str = knob("packed", "CPU fp32/bf16 linear layers: packed (weights re-laid out once for oneDNN: "
                                      "faster matmuls on 2+ rows, a second copy of the weights in RAM) or dense")
 
     def __post_init__(self) -> None:
@@ -113,6 +113,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = knob(2048, "token budget of one step")
     enable_chunked_prefill: bool = knob(True, "split a long prompt's prefill over several steps")
     preemption_mode: str = knob("auto", "auto | recompute | swap (auto: swap when a CPU tier exists, else recompute)")
+    schedule_policy: str = knob("auto", "order of waiting prompts: fcfs (arrival) | sjf (fewest uncached tokens "
+                                        "first, so mostly-cached prompts pass long prefills) | auto (sjf on CPU, "
+                                        "fcfs on CUDA)")
+    prefill_step_tokens: int | None = knob(None, "soft cap on the prompt tokens one step admits from the queue: a "
+                                                 "prompt whose uncached part would take them past it waits for a "
+                                                 "later step (a step always admits one) (default: 128 on CPU, where "
+                                                 "a step's time grows with its tokens; the whole budget on CUDA)")
+    max_wait_s: float = knob(2.0, "a prompt waiting longer than this (seconds since arrival) goes first, in arrival "
+                                  "order, past sjf and prefill_step_tokens: nothing starves")
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -120,6 +129,11 @@ class SchedulerConfig:
                  f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         _require(self.preemption_mode in ("auto", "recompute", "swap"),
                  f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+        _require(self.schedule_policy in ("auto", "fcfs", "sjf"),
+                 f"schedule_policy must be auto, fcfs or sjf, got {self.schedule_policy!r}")
+        _require(self.prefill_step_tokens is None or self.prefill_step_tokens >= 1,
+                 f"prefill_step_tokens must be >= 1 (or None), got {self.prefill_step_tokens}")
+        _require(self.max_wait_s >= 0, f"max_wait_s must be >= 0, got {self.max_wait_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

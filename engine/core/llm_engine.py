@@ -16,7 +16,7 @@ from radixserve.engine.config import EngineConfig
 from radixserve.engine.core.metrics import EngineMetrics, StatsLogger
 from radixserve.engine.core.output_processor import OutputProcessor
 from radixserve.engine.core.peer_driver import PeerDriver, PeerFetcher
-from radixserve.engine.core.scheduler import Scheduler
+from radixserve.engine.core.scheduler import Scheduler, for_device
 from radixserve.engine.core.scheduler_output import SchedulerOutput, StepResult
 from radixserve.engine.core.sequence import Request, Sequence
 from radixserve.engine.entrypoints.outputs import RequestOutput
@@ -72,8 +72,8 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, self.executor.num_blocks * self.block_size)
         self.events = EventLog(self.engine_id)
         self.kv = self._make_kv(num_cpu_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, self.lora,
-                                   self.metrics)
+        self.scheduler = Scheduler(for_device(config.scheduler, runs_on_cpu(config.device)), self.kv,
+                                   self.max_model_len, self.eos_token_ids, self.lora, self.metrics)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.metrics)
         self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
                                                   config.structured_outputs, self.metrics)
@@ -411,6 +411,12 @@ class LLMEngine:
             executor.shutdown()
         if getattr(self, "transfers", None) is not None:
             self.transfers.close()
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether the engine's device (EngineConfig.device) resolves to the CPU."""
+    import torch
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
 def check_host_memory(config: EngineConfig) -> None:

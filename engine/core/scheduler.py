@@ -6,6 +6,12 @@ the youngest running sequence when blocks run out; then on waiting sequences
 in arrival order (FCFS), each looked up in the prefix cache before its blocks
 are allocated. The output names token ids and block ids only.
 
+``schedule_policy`` "sjf" admits the waiting prompts with the fewest uncached
+tokens first, and ``prefill_step_tokens`` keeps a step's prefill small: where a
+step's time grows with its tokens (CPU), a mostly-cached prompt then gets its
+first token one short step after arriving instead of after every long prefill
+queued with it. A prompt waiting over ``max_wait_s`` goes first regardless.
+
 Preemption drops a sequence's KV and requeues it; its cached blocks stay in
 the tree, so the re-prefill usually hits them. ``preemption_mode`` "swap" (the
 default with a CPU tier) lets those blocks move to the CPU tier and come back
@@ -18,6 +24,7 @@ import bisect
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from radixserve.engine.cache.cpu_tier import Transfer
@@ -44,6 +51,22 @@ def _priority(seq: Sequence) -> tuple[float, int]:
     return (seq.request.arrival_time, seq.seq_id)
 
 
+# On CPU a step costs ~1 ms a token past a ~40 ms weight pass (smollm2, 2 cores): a mostly-cached
+# prompt (a few dozen new tokens) shares its step with other short ones, not with a full prompt of
+# a few hundred (measured: with 256, a 150-token RAG prompt joined two 28-token ones and delayed them).
+CPU_PREFILL_STEP_TOKENS = 128
+
+
+def for_device(config: SchedulerConfig, on_cpu: bool) -> SchedulerConfig:
+    """Resolve the device-dependent defaults: sjf and a small prefill step on CPU, where a step's
+    time grows with its tokens; fcfs and the whole budget on CUDA, where batching prefills is cheap."""
+    policy = config.schedule_policy if config.schedule_policy != "auto" else ("sjf" if on_cpu else "fcfs")
+    cap = config.prefill_step_tokens
+    if cap is None:
+        cap = min(CPU_PREFILL_STEP_TOKENS, config.max_num_batched_tokens) if on_cpu else config.max_num_batched_tokens
+    return replace(config, schedule_policy=policy, prefill_step_tokens=cap)
+
+
 def preempts_by_swap(mode: str, has_cpu_tier: bool) -> bool:
     """Resolve ``SchedulerConfig.preemption_mode``: auto is swap with a CPU tier."""
     if mode == "swap" and not has_cpu_tier:
@@ -59,6 +82,10 @@ class Scheduler:
                  metrics: EngineMetrics | None = None):
         self.config = config
         self.kv = kv
+        # Built directly (tests, tools), "auto" and None keep plain FCFS over the whole budget;
+        # the engine passes a config resolved by for_device.
+        self.sjf = config.schedule_policy == "sjf"
+        self.prefill_cap = config.prefill_step_tokens or config.max_num_batched_tokens
         self.swap_preempted = preempts_by_swap(config.preemption_mode, kv.has_cpu_tier)
         self.lora = lora  # adapter slots; None when LoRA is disabled
         self.max_model_len = max_model_len
@@ -196,7 +223,37 @@ class Scheduler:
                 inflight.update(seq.block_hashes[seq.num_computed_tokens // self.kv.block_size:])
         return inflight
 
+    def _overdue(self, seq: Sequence, now: float) -> bool:
+        return now - seq.request.arrival_time > self.config.max_wait_s
+
+    @staticmethod
+    def _wants_prompt_logprobs(seq: Sequence) -> bool:
+        """Prompt logprobs need every prompt position computed: such a prompt skips the cache."""
+        return seq.request.params.prompt_logprobs is not None and seq.request.prompt_logprobs is None
+
+    def _uncached(self, seq: Sequence) -> int:
+        cached = 0 if self._wants_prompt_logprobs(seq) else self.kv.lookup(seq).num_tokens(self.kv.block_size)
+        return seq.num_tokens - seq.num_computed_tokens - cached
+
+    def _order_waiting(self, now: float) -> None:
+        """sjf: overdue prompts first (arrival order), then fewest uncached tokens first."""
+        if not self.sjf or len(self.waiting) < 2:
+            return
+        key = {s.seq_id: (0, 0) if self._overdue(s, now) else (1, self._uncached(s)) for s in self.waiting}
+        self.waiting = deque(sorted(self.waiting, key=lambda s: (*key[s.seq_id], *_priority(s))))
+
+    def _over_cap(self, prefill: int, n: int) -> bool:
+        """Whether ``n`` more prefill tokens would take the step's admissions past the cap (no
+        starvation: the head of the queue, overdue prompts first, is always admitted)."""
+        return prefill > 0 and prefill + n > self.prefill_cap
+
     def _schedule_waiting(self, budget: int, out: list[tuple[Sequence, int]]) -> int:
+        now = time.monotonic()
+        self._order_waiting(now)
+        # Prefill tokens admitted from the queue this step. A running prompt's next chunk is not
+        # counted: it computes this step whatever is admitted, so a short prompt joining it waits
+        # for nothing it would not wait for anyway.
+        prefill = 0
         # Seats taken: running sequences plus the n>1 children they will fork into.
         used = sum(self._seats(s) for s in self.running) + len(self.swapping)
         inflight = self._inflight_hashes() if self.kv.enable_prefix_caching else set()
@@ -212,9 +269,7 @@ class Scheduler:
             seats = self._seats(seq)
             if used + seats > self.config.max_num_seqs:
                 break
-            wants_prompt_logprobs = (seq.request.params.prompt_logprobs is not None
-                                     and seq.request.prompt_logprobs is None)
-            hit = None if wants_prompt_logprobs else self.kv.lookup(seq)
+            hit = None if self._wants_prompt_logprobs(seq) else self.kv.lookup(seq)
             hit_blocks = hit.num_blocks if hit else 0
             if (hit is not None and hit_blocks < len(seq.block_hashes)
                     and seq.block_hashes[hit_blocks] in inflight and len(deferred) < self.config.max_num_seqs):
@@ -230,6 +285,8 @@ class Scheduler:
             n = 0 if swap_in else min(seq.num_tokens - hit_tokens, budget)
             if n < seq.num_tokens - hit_tokens and not swap_in and not self.config.enable_chunked_prefill:
                 break
+            if self._over_cap(prefill, n):
+                break  # sjf: the prompts after it are no shorter; fcfs: none overtakes it
             lora = seq.request.lora
             if lora is not None and not self._loras().can_reserve(lora, pinned):
                 # Every slot is pinned by running adapters: let later requests (base
@@ -265,6 +322,7 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_priority)
             out.append((seq, n))
             budget -= n
+            prefill += n
         self.waiting.extendleft(reversed(deferred))
         return budget
 

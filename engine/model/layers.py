@@ -28,11 +28,12 @@ class ShardTarget:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] (CPU, fp32) re-laid out once into oneDNN's blocked format.
+    """``weight`` [out, in] (CPU, fp32 or bf16) re-laid out once into oneDNN's blocked format.
 
     F.linear repacks the weight into the GEMM's blocked layout on every call: for a
     few rows (decode, a prefix hit's suffix) that repacking streams the weight two
-    extra times and costs more than the multiply (measured 1.3-2x at 8-32 rows).
+    extra times and costs more than the multiply (measured 1.3-2x at 8-32 rows; in
+    bf16 on AMX 1.4-1.6x at 1-32 rows, one row included).
     """
     return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS_HINT)
 
@@ -41,17 +42,23 @@ _PACK_ROWS_HINT = 32  # the rows oneDNN tunes the layout for; any row count work
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if weight.dtype == torch.bfloat16:  # oneDNN's bf16 GEMM needs avx512_bf16 / AMX
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, in] @ weight[out, in]^T (+ bias) -> [rows, out], through ``packed`` when there is one.
 
-    One row stays a plain GEMV, which streams the dense weight exactly once already.
+    One fp32 row stays a plain GEMV, which streams the dense weight exactly once already
+    (bf16's GEMV is slower than the packed GEMM, measured).
     """
-    if packed is None or x.shape[0] < 2:
+    if packed is None or (x.shape[0] < 2 and x.dtype == torch.float32):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -91,7 +98,7 @@ class ColumnParallelLinear(nn.Module):
         self.packed: torch.Tensor | None = None  # see prepack()
 
     def prepack(self) -> None:
-        """CPU fp32: keep a pre-packed copy of the (loaded, this rank's) weight for matmuls."""
+        """CPU fp32/bf16: keep a pre-packed copy of the (loaded, this rank's) weight for matmuls."""
         self.packed = pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,17 +229,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
 
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Looked up once per step, used by every layer: cos [num_tokens, 1, head_dim] of
+        ``positions``, and the sines as the rotation needs them: -sin of the first half and
+        sin of the second half, [num_tokens, 1, head_dim / 2] each."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        half = sin.shape[-1] // 2
+        return cos, -sin[..., :half], sin[..., half:]
+
     @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    def apply(table: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, heads, head_dim] (q and k heads side by side) -> rotated, a new tensor.
+
+        x * cos + rotate_half(x) * sin, bit for bit as transformers computes it, without
+        materialising rotate_half(x) or its negation (-a * b == a * -b exactly)."""
+        cos, neg_sin_lo, sin_hi = table
         half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [num_tokens, 1, head_dim] of ``positions``: looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @classmethod
-    def apply(cls, table: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x [num_tokens, heads, head_dim] (q and k heads side by side) -> rotated, a new tensor."""
-        cos, sin = table
-        return x * cos + cls._rotate_half(x) * sin
+        rot = torch.empty_like(x)
+        torch.mul(x[..., half:], neg_sin_lo, out=rot[..., :half])
+        torch.mul(x[..., :half], sin_hi, out=rot[..., half:])
+        return (x * cos).add_(rot)

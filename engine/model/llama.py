@@ -137,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(hidden)
 
     def prepack(self) -> None:
-        """CPU fp32: pre-pack every linear layer's weight (see layers.pack_weight)."""
+        """CPU fp32/bf16: pre-pack every linear layer's weight (see layers.pack_weight)."""
         for layer in self.layers:
             for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                         layer.mlp.down_proj):

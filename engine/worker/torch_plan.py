@@ -209,10 +209,14 @@ def _flash(qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
 
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Attention over disjoint key sets -> attention over their union, weighted by each part's log-sum-exp."""
+    """Attention over disjoint key sets -> attention over their union, weighted by each part's log-sum-exp.
+
+    The log-sum-exps are fp32 whatever the query's dtype: the sum runs in fp32 and is
+    cast back once (a bf16 output must stay bf16 for o_proj)."""
     out, lse = parts[0]
+    dtype = out.dtype
     for o, l in parts[1:]:
         total = torch.logaddexp(lse, l)
         out = out * (lse - total).exp_()[..., None] + o * (l - total).exp_()[..., None]
         lse = total
-    return out
+    return out.to(dtype)

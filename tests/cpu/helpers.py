@@ -107,7 +107,8 @@ def random_prompts(n: int, vocab: int, seed: int, lo: int = 3, hi: int = 60) -> 
     return [[rng.randrange(5, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def assert_matches_hf(hf_model, llm: LLM, prompts: list[list[int]], max_new: int) -> None:
+def assert_matches_hf(hf_model, llm: LLM, prompts: list[list[int]], max_new: int,
+                      atol: float = LOGPROB_ATOL) -> list:
     params = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True, logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for p, out in zip(prompts, outs):
@@ -115,7 +116,8 @@ def assert_matches_hf(hf_model, llm: LLM, prompts: list[list[int]], max_new: int
         comp = out.outputs[0]
         assert comp.token_ids == ref_tokens, f"prompt of {len(p)} tokens diverged from HF"
         ours = [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids)]
-        assert max(abs(a - b) for a, b in zip(ours, ref_lps)) < LOGPROB_ATOL
+        assert max(abs(a - b) for a, b in zip(ours, ref_lps)) < atol
+    return outs
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

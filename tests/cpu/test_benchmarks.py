@@ -378,6 +378,17 @@ def test_suite_quick(suite, tmp_path, model_cache_dir, tiny_dir, stub_server, on
         assert doc["measurements"]["runs"][0]["summary"]["replicas"]
     if suite == "bench_peer":
         assert doc["summary"]["shared_prefix@2u/hit_rate_radixserve"] > 0.2 and doc["summary"]["errors"] == 0
+        # The TTFT parts: every request joined to its server stamps, parts summing to the client's TTFT
+        sp = doc["measurements"]["ttft_breakdown"]["shared_prefix@2u"]["radixserve"]
+        rows = sp["rounds"][0]["requests"]
+        assert sp["summary"]["n"] == len(rows) == len(m["runs"][0]["records"]) and sp["rounds"][0]["steps"]
+        for row in rows:
+            assert all(row[p] >= -1e-3 for p in sp_parts(doc)), row
+            assert abs(sum(row[p] for p in sp_parts(doc)) - row["ttft"]) < 1e-3, row
+
+
+def sp_parts(doc: dict) -> list[str]:
+    return doc["measurements"]["ttft_breakdown"]["parts"]
 
 
 def test_token_space_skips_special_tokens_at_either_end():

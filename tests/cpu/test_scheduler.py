@@ -20,10 +20,11 @@ from radixserve.engine.sampling_params import SamplingParams
 from tests.cpu.helpers import BS, EOS, make_request
 
 
-def make_scheduler(num_blocks=64, budget=32, max_seqs=8, chunked=True, caching=True, max_len=200):
+def make_scheduler(num_blocks=64, budget=32, max_seqs=8, chunked=True, caching=True, max_len=200, **policy):
+    """``policy``: schedule_policy / prefill_step_tokens / max_wait_s (default: FCFS over the whole budget)."""
     kv = KVCacheManager(num_blocks, BS, caching)
     cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                          enable_chunked_prefill=chunked)
+                          enable_chunked_prefill=chunked, **policy)
     return Scheduler(cfg, kv, max_len, frozenset({EOS}))
 
 
@@ -139,9 +140,11 @@ def test_eos_and_max_model_len_finish():
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    policy: dict = {}
+
     def __init__(self):
         super().__init__()
-        self.sched = make_scheduler(num_blocks=20, budget=24, max_seqs=4, max_len=48)
+        self.sched = make_scheduler(num_blocks=20, budget=24, max_seqs=4, max_len=48, **self.policy)
         self.rng = random.Random(0)
 
     @rule(prefix=st.integers(0, 2), extra=st.integers(1, 12), n=st.integers(1, 3),
@@ -177,6 +180,17 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+
+
+class SjfSchedulerMachine(SchedulerMachine):
+    """The same invariants with shortest-uncached-first admission and a small prefill step
+    (max_wait_s huge: the test requests' arrival stamps are counters, not clock times)."""
+
+    policy = {"schedule_policy": "sjf", "prefill_step_tokens": 6, "max_wait_s": 1e12}
+
+
+TestSjfSchedulerMachine = SjfSchedulerMachine.TestCase
+TestSjfSchedulerMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 
 
 def test_same_prefix_in_one_batch_is_computed_once():

@@ -104,10 +104,44 @@ def test_lse_merged_prefix_attention_on_random_block_tables(seed, heads):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="no oneDNN weight packing in this torch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 2, 33])
-def test_packed_matmul_matches_linear(rows):
+def test_packed_matmul_matches_linear(rows, dtype):
+    if not can_pack(torch.zeros(1, dtype=dtype)):
+        pytest.skip(f"no oneDNN {dtype} weight packing on this CPU / torch build")
     torch.manual_seed(0)
-    w, b = torch.randn(48, 40), torch.randn(48)
-    x = torch.randn(rows, 40)
-    torch.testing.assert_close(matmul(x, w, pack_weight(w), b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    w, b = torch.randn(48, 40, dtype=dtype), torch.randn(48, dtype=dtype)
+    x = torch.randn(rows, 40, dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    out = matmul(x, w, pack_weight(w), b)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, F.linear(x, w, b), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("case", ["hit_view", "hit_runs", "hit_gather", "mixed"])
+def test_bf16_planned_attention_stays_bf16_and_matches_fp32(case):
+    """The prefix parts are merged in fp32 (their log-sum-exps are fp32) and cast back once."""
+    torch.manual_seed(0)
+    meta, ref_meta = _meta(*CASES[case]), _meta(*CASES[case])
+    n = meta.slot_mapping.shape[0]
+    q, k, v = torch.randn(n, HEADS, D), torch.randn(n, HKV, D), torch.randn(n, HKV, D)
+    pool = torch.randn(2, 16, BS, HKV, D)
+    bf = [t.bfloat16() for t in (q, k, v, pool)]
+    out = TorchAttention().attend(bf[0], bf[1], bf[2], bf[3][0], bf[3][1], meta, D ** -0.5)
+    ref = TorchAttention().attend(*(t.bfloat16().float() for t in (q, k, v)), bf[3][0].float(), bf[3][1].float(),
+                                  ref_meta, D ** -0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_rotary_is_transformers_rotation_bit_for_bit():
+    from radixserve.engine.model.layers import RotaryEmbedding
+
+    def rotate_half(x):
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+    for dtype in (torch.float32, torch.bfloat16):
+        rope = RotaryEmbedding(D, 64, 10000.0, None, dtype, torch.device("cpu"))
+        pos = torch.tensor([0, 5, 63, 17])
+        x = torch.randn(4, 3, D).to(dtype)
+        cos, sin = rope.cos[pos].unsqueeze(1), rope.sin[pos].unsqueeze(1)
+        assert torch.equal(RotaryEmbedding.apply(rope.table(pos), x), x * cos + rotate_half(x) * sin)
