@@ -28,16 +28,21 @@ def test_cache_evicts_least_recent_leaf_first_and_keeps_pinned_blocks():
     assert set(c.lru) == {5, 1, 6, 7}
 
 
-def test_simulated_cluster_ours_keeps_the_cache_that_pow2_loses(tmp_path):
+def conversations(tmp_path, n: int, cfg: SimConfig):
+    """A Mooncake-format trace of ``n`` conversations of 5 growing turns (each extends its predecessor)."""
     rows = []
-    for i in range(240):  # 48 conversations of 5 growing turns: each turn extends its predecessor
-        conv, turn = i % 48, i // 48
+    for i in range(5 * n):
+        conv, turn = i % n, i // n
         ids = [1000 * conv + k for k in range(turn + 2)]
         rows.append({"timestamp": i * 50, "input_length": 512 * len(ids), "output_length": 8, "hash_ids": ids})
     trace = tmp_path / "t.jsonl"
     trace.write_text("\n".join(json.dumps(r) for r in rows))
+    return load_trace(cfg, trace)
+
+
+def test_simulated_cluster_ours_keeps_the_cache_that_pow2_loses(tmp_path):
     cfg = SimConfig(replicas=4, blocks_per_replica=64, max_blocks=16, rate_per_replica=0)
-    reqs = load_trace(cfg, trace)
+    reqs = conversations(tmp_path, 48, cfg)
     assert len(reqs) == 240 and reqs[0].block_hashes[0] == reqs[1].block_hashes[0]  # the system block
     oracle = oracle_hit_rate(reqs, cfg)
     ours, pow2 = simulate(reqs, cfg, "prefix_affinity", oracle=oracle), simulate(reqs, cfg, "pow2", oracle=oracle)
@@ -65,15 +70,8 @@ def test_lagged_view_sees_the_past():
 
 
 def test_peer_pulls_recover_what_round_robin_scatters(tmp_path):
-    rows = []
-    for i in range(235):  # as above, 47 conversations: round robin sends each turn elsewhere
-        conv, turn = i % 47, i // 47
-        ids = [1000 * conv + k for k in range(turn + 2)]
-        rows.append({"timestamp": i * 50, "input_length": 512 * len(ids), "output_length": 8, "hash_ids": ids})
-    trace = tmp_path / "t.jsonl"
-    trace.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = SimConfig(replicas=4, blocks_per_replica=64, max_blocks=16, rate_per_replica=0)
-    reqs = load_trace(cfg, trace)
+    reqs = conversations(tmp_path, 47, cfg)  # 47 conversations: round robin sends each turn elsewhere
     scattered = simulate(reqs, cfg, "round_robin+nopull")
     pulled = simulate(reqs, cfg, "round_robin+pull")
     assert scattered.remote_hit_rate == 0 and pulled.policy == "round_robin+pull"
