@@ -172,7 +172,7 @@ KEY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
     ("router-trace-tiny-llama", "c1_affinity_ttft_p50_over_pow2", "the same, 1 client: TTFT p50 affinity / pow2",
      "< 1"),
     ("peer_kv-cluster", "pull_speedup_vs_recompute", "hot-prefix spill over Ray Serve, small-llama, 2048-token "
-     "prefix: spilled request's TTFT recomputing / pulling from the holder", ">= 5"),
+     "prefix: spilled request's TTFT recomputing / pulling it from the replica that has it", ">= 5"),
     ("peer_kv", "pull_speedup_vs_recompute", "the same, both engines in one process (engine side only)", ">= 5"),
     ("router-trace-pull", "trace_n4_pull_hit_over_nopull", "simulator, Mooncake trace, 4 replicas of 256 blocks, "
      "3.5 req/s each: hit rate with peer pulls / without", ""),
