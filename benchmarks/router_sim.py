@@ -456,8 +456,8 @@ def _route(pol: RoutingPolicy, rng: random.Random, policy: str, reps: list[SimRe
     prompt = [0] * (len(hashes) * bs) + list(r.tail)  # the policy reads only the tail's tokens
     chosen = pol.route(str(idx), states, hashes, prompt, now)[0].replica
     hint = pol.peer_hint(states, chosen)
-    by_name = {rep.name: rep for rep in reps}
-    return int(chosen.rsplit("-", 1)[1]), (by_name[hint[0]], hint[1]) if hint else None
+    holder = (reps[int(hint[0].rsplit("-", 1)[1])], hint[1]) if hint else None
+    return int(chosen.rsplit("-", 1)[1]), holder
 
 
 # -- workloads ------------------------------------------------------------------------------------

@@ -237,10 +237,9 @@ class CacheTransferServer:
     def _export(self, gpu: torch.Tensor, cpu: torch.Tensor) -> RankKV:
         """Copy pinned blocks out (device ones, then CPU-tier ones: a chain's order);
         reads only, so requests running on the device pool are not disturbed."""
-        parts = [p for p in (self.device_pool[:, :, gpu].cpu() if len(gpu) else None,
-                             self.host_pool[:, :, cpu] if len(cpu) else None) if p is not None]
-        # [layers, 2, n, block_size, kv_heads, head_dim]; one part needs no second copy
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        dev, host = self.device_pool[:, :, gpu].cpu(), self.host_pool[:, :, cpu]
+        # [layers, 2, n, block_size, kv_heads, head_dim]; one tier alone needs no second copy
+        out = host if not len(gpu) else dev if not len(cpu) else torch.cat([dev, host], dim=2)
         return kv_from_tensor(self.rank, out)
 
     def _import(self, task: TransferTask, gpu: torch.Tensor) -> None:

@@ -43,7 +43,6 @@ class LLMEngine:
         self.launcher = launcher
         self.engine_id = engine_id or uuid.uuid4().hex[:12]
         self.dead: str | None = None  # set when the workers could not be restarted
-        self._peer_fetcher = peer_fetcher
         self.model_dir = resolve_model(config.model.model, config.model.cache_dir, config.model.revision)
         self.arch = load_arch_config(self.model_dir)
         self.tokenizer = load_tokenizer(config.model, self.model_dir)
@@ -64,7 +63,7 @@ class LLMEngine:
         self.executor = self._make_executor()
         self.transfers: CacheTransferClient | None = None
         try:
-            num_cpu_blocks = self._init_pools()
+            num_cpu_blocks = self._init_pools(peer_kv=peer_fetcher is not None)
         except BaseException:
             self.shutdown()
             raise
@@ -80,7 +79,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.peer = PeerDriver(self, peer_fetcher)
 
-    def _init_pools(self) -> int:
+    def _init_pools(self, peer_kv: bool) -> int:
         """Size the CPU tier from what a block weighs on each rank, start the
         cache queue, and have every rank allocate its pools."""
         cache, par = self.config.cache, self.config.parallel
@@ -90,7 +89,7 @@ class LLMEngine:
         if not num_cpu and self.config.scheduler.preemption_mode == "swap":  # before the workers allocate
             raise ValueError(f"preemption_mode='swap' needs a CPU tier, but swap_space = {cache.swap_space} GiB "
                              f"holds no {self.executor.block_bytes}-byte block")
-        if num_cpu or self._peer_fetcher is not None:  # peer KV moves bytes over the cache queue too
+        if num_cpu or peer_kv:  # peer KV moves bytes over the cache queue too
             self.transfers = CacheTransferClient(par.worker_host, par.cache_queue_port, par.tensor_parallel_size,
                                                  self.executor.auth, self.executor.epoch)
         address = self.transfers.address if self.transfers else ""
