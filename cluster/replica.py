@@ -126,6 +126,10 @@ class LLMServer:
         self._publisher: asyncio.Task | None = None
         self._adapters_version = -1  # the registry version this replica last converged to
         self._adapter_errors: dict[str, str] = {}
+        try:  # report from the start: routers pass over a replica that never reported
+            self._ensure_publisher()
+        except RuntimeError:  # built outside an event loop (Serve runs __init__ on one): the first call starts it
+            pass
 
     def _register(self, ray) -> bool:
         """Join the cache directory, waiting a bounded time: a replica never blocks on it. A
